@@ -1,0 +1,32 @@
+# Best-of-N alignment pipeline. See README.md; stages in workflow/rules/*.smk.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml", set_default=True)
+
+from pipeline_lib.config import ConfigError, check_config
+
+try:
+    check_config(config)
+except ConfigError as exc:
+    raise WorkflowError(f"invalid configuration: {exc}") from None
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/sft.smk"
+include: "workflow/rules/reward_models.smk"
+include: "workflow/rules/sampling.smk"
+include: "workflow/rules/cdf.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        expand(f"{R}/cdf/{{split}}.parquet", split=SPLITS),
+        expand(f"{R}/logs/rm-seed{{seed}}.parquet", seed=RM_SEEDS),

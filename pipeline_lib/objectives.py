@@ -1,0 +1,509 @@
+"""Sequence rewards for vBoN and the PPO machinery shared by vBoN and KL-constrained RLHF.
+
+Two halves, both pure (no I/O):
+
+* **vBoN rewards** (numpy, vectorised over per-sample arrays). vBoN minimises
+  KL(pi || pi_BoN), which up to a constant is
+
+      max_pi  E_pi[ R(y) ] - beta * KL(pi || pi_ref),   beta = 1 / (n - 1),
+
+  with the ``l1`` bound R = log F(r(y)) or the ``exact`` bound
+  R = (1/(n-1)) * log(pi_BoN(y) / pi_ref(y)) (tie-aware, see :func:`log_bon_ratio`).
+
+* **PPO pieces** (torch): GAE, whitening, clipped policy/value losses, per-token rewards with a
+  KL penalty, fixed/adaptive KL controllers, masked statistics and per-token KL estimators.
+  Token tensors are ``(B, T)`` with a right-padded ``mask`` that is 1 on valid response tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+__all__ = [
+    "AdaptiveKLController",
+    "FixedKLController",
+    "entropy_from_logits",
+    "gae_advantages",
+    "kl_k1",
+    "kl_k3",
+    "log_bon_ratio",
+    "masked_mean",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "token_rewards",
+    "vbon_beta",
+    "vbon_n_from_beta",
+    "vbon_reward_exact",
+    "vbon_reward_l1",
+    "whiten",
+]
+
+ArrayLike = npt.ArrayLike
+_SCALES = ("n_minus_1", "n")
+
+
+# ============================================================================================
+# vBoN sequence rewards (numpy)
+# ============================================================================================
+
+
+_PROB_TOL = 1e-9  # round-off allowed on probabilities built from sums (e.g. a CDF reaching 1)
+
+
+def _as_prob_array(name: str, x: ArrayLike) -> np.ndarray:
+    """float64 copy of ``x`` checked to lie in [0, 1] (up to ``_PROB_TOL``), then clipped."""
+    arr = np.asarray(x, dtype=np.float64)
+    if np.any(~np.isfinite(arr)) or np.any(arr < -_PROB_TOL) or np.any(arr > 1.0 + _PROB_TOL):
+        raise ValueError(f"{name} must contain probabilities in [0, 1]")
+    return np.clip(arr, 0.0, 1.0)
+
+
+def _check_n(n: float, minimum: float = 1.0) -> float:
+    if isinstance(n, bool) or not isinstance(n, (int, float, np.integer, np.floating)):
+        raise ValueError(f"n must be a number >= {minimum}, got {n!r}")
+    n = float(n)
+    if not math.isfinite(n) or n < minimum:
+        raise ValueError(f"n must be a finite number >= {minimum}, got {n!r}")
+    return n
+
+
+def vbon_reward_l1(cdf_values: ArrayLike) -> np.ndarray:
+    """vBoN ``l1``-bound sequence reward R(y) = log F̂(r(y)).
+
+    ``cdf_values`` are smoothed CDF values F̂ in (0, 1] (e.g. (1 + #{r_j < r}) / (M + 1)), so the
+    reward is finite, <= 0 and monotone increasing in F̂ (hence in the reward r).
+
+    Returns:
+        float64 array of the same shape as ``cdf_values``.
+
+    Raises:
+        ValueError: if any ``cdf_values`` lies outside (0, 1].
+    """
+    f = np.asarray(cdf_values, dtype=np.float64)
+    if np.any(~np.isfinite(f)) or np.any(f <= 0.0) or np.any(f > 1.0 + _PROB_TOL):
+        raise ValueError("cdf_values must lie in (0, 1]")
+    return np.log(np.minimum(f, 1.0))
+
+
+def _log_geometric_ratio(u: np.ndarray, n: float) -> np.ndarray:
+    """log((1 - q^n) / (1 - q)) for q = exp(u), u <= 0, with the q -> 1 limit log n.
+
+    Uses expm1 so it is accurate for q close to 1; u = -inf (q = 0) gives 0.
+    """
+    at_one = u == 0.0
+    u_safe = np.where(at_one, -1.0, u)
+    with np.errstate(divide="ignore"):
+        val = np.log(-np.expm1(n * u_safe)) - np.log(-np.expm1(u_safe))
+    return np.where(at_one, math.log(n), val)
+
+
+def log_bon_ratio(
+    f_below: ArrayLike,
+    f_at: ArrayLike | None,
+    n: float,
+    p: ArrayLike | None = None,
+) -> np.ndarray:
+    """Tie-aware log(pi_BoN(y) / pi_ref(y)), elementwise, in log space.
+
+    **Distribution form** (``p is None``). With F = P(R <= r(y)) (``f_at``) and
+    F⁻ = P(R < r(y)) (``f_below``), ties broken uniformly:
+
+        log( [F^n - F⁻^n] / [F - F⁻] ),
+
+    and, when F - F⁻ -> 0 (no ties, continuous rewards), the limit log(n F^(n-1)).
+
+    **vBoN-code form** (``p`` given): p = pi_ref(y) is the response's own probability (e.g.
+    ``exp(ref_logprob)``); ``f_at`` is ignored (may be None) and
+
+        log( ((F⁻ + p)^n - F⁻^n) / p ),
+
+    with the p -> 0 limit log(n F⁻^(n-1)). It coincides with the distribution form when
+    p = F - F⁻ (one response carries the whole tie mass).
+
+    Both forms use the exact identity (a^n - b^n) / (a - b) = a^(n-1) * (1 - q^n) / (1 - q) with
+    a the upper CDF value and q = b / a in [0, 1]:
+
+        log ratio = (n - 1) log a + log(-expm1(n u)) - log(-expm1(u)),   u = log q <= 0,
+
+    which is stable for q -> 1 (tiny tie mass or tiny p, limit log n), for F⁻ = 0 (u = -inf, term
+    0), and never forms a^n - b^n directly. In the p-form u = -log1p(p / F⁻), so a tiny p is not
+    lost against F⁻. Entries with a = 0 (only possible when F⁻ = p = 0) give -inf for n > 1.
+
+    Args:
+        f_below: F⁻, mass strictly below the response's reward, in [0, 1].
+        f_at: F, mass at or below the response's reward, in [F⁻, 1]; ignored when ``p`` is given.
+        n: BoN size (>= 1; need not be an integer).
+        p: optional pi_ref(y) in [0, 1] for the vBoN-code form.
+
+    Returns:
+        float64 array broadcast from the inputs.
+    """
+    n = _check_n(n)
+    fb = _as_prob_array("f_below", f_below)
+    if p is None:
+        if f_at is None:
+            raise ValueError("f_at is required when p is not given")
+        fa = _as_prob_array("f_at", f_at)
+        fb, fa = np.broadcast_arrays(fb, fa)
+        if np.any(fa < fb - _PROB_TOL):
+            raise ValueError("f_at must be >= f_below elementwise")
+        if np.any(fa <= 0.0):
+            raise ValueError("f_at must be > 0 (a response's own reward has positive mass)")
+        fb = np.minimum(fb, fa)
+        log_a = np.log(fa)
+        with np.errstate(divide="ignore"):
+            u = np.log(fb) - log_a  # log q, -inf where F⁻ = 0
+        u = np.minimum(u, 0.0)
+    else:
+        pp = _as_prob_array("p", p)
+        fb, pp = np.broadcast_arrays(fb, pp)
+        if np.any(fb + pp > 1.0 + _PROB_TOL):
+            raise ValueError("f_below + p must be <= 1")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log_fb = np.log(fb)
+            log_p = np.log(pp)
+            log_a = np.logaddexp(log_fb, log_p)
+            # u = log(F⁻ / (F⁻ + p)) = -log1p(p / F⁻); -inf where F⁻ = 0.
+            u = np.where(fb > 0.0, -np.log1p(pp / np.where(fb > 0.0, fb, 1.0)), -np.inf)
+    # (n - 1) * log a with the convention 0 * (-inf) = 0 for n = 1.
+    with np.errstate(invalid="ignore"):
+        lead = np.where(n == 1.0, 0.0, (n - 1.0) * log_a)
+    return np.asarray(lead + _log_geometric_ratio(u, n), dtype=np.float64)
+
+
+def vbon_reward_exact(
+    f_below: ArrayLike,
+    f_at: ArrayLike | None,
+    n: float,
+    p: ArrayLike | None = None,
+    scale: str = "n_minus_1",
+) -> np.ndarray:
+    """vBoN ``exact``-bound sequence reward, a scaled tie-aware log BoN ratio.
+
+        scale="n_minus_1" (clean form):  R = (1 / (n - 1)) * log(pi_BoN(y) / pi_ref(y))
+        scale="n"         (vBoN code):   R = (1 / n)       * log(pi_BoN(y) / pi_ref(y))
+
+    Both are used with KL coefficient beta = 1/(n - 1). With the clean form the maximiser of
+    E_pi[R] - beta KL(pi || pi_ref) is exactly pi_BoN; the code's 1/n convention is a slightly
+    weaker reward. The two are not interchangeable, so **the run's log must say which
+    convention is used**. See :func:`log_bon_ratio` for the arguments.
+
+    Returns:
+        float64 array.
+    """
+    if scale not in _SCALES:
+        raise ValueError(f"scale must be one of {_SCALES}, got {scale!r}")
+    n = _check_n(n, minimum=1.0)
+    if scale == "n_minus_1" and n <= 1.0:
+        raise ValueError(f"n must be > 1 for scale='n_minus_1', got {n!r}")
+    denom = n - 1.0 if scale == "n_minus_1" else n
+    return log_bon_ratio(f_below, f_at, n, p=p) / denom
+
+
+def vbon_beta(n: float) -> float:
+    """KL coefficient of the vBoN objective, beta = 1 / (n - 1) (n > 1)."""
+    n = _check_n(n)
+    if n <= 1.0:
+        raise ValueError(f"n must be > 1, got {n!r}")
+    return 1.0 / (n - 1.0)
+
+
+def vbon_n_from_beta(beta: float) -> float:
+    """The BoN size matched by a vBoN KL coefficient, n = 1/beta + 1 (beta > 0)."""
+    if not (beta > 0) or not math.isfinite(beta):
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    return 1.0 / beta + 1.0
+
+
+# ============================================================================================
+# PPO machinery (torch)
+# ============================================================================================
+
+
+def _check_token_shapes(**tensors: torch.Tensor) -> None:
+    items = list(tensors.items())
+    ref_name, ref = items[0]
+    if ref.dim() != 2:
+        raise ValueError(f"{ref_name} must have shape (B, T), got {tuple(ref.shape)}")
+    for name, t in items[1:]:
+        if tuple(t.shape) != tuple(ref.shape):
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)} but {ref_name} has shape {tuple(ref.shape)}"
+            )
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Masked mean  sum(x * mask) / sum(mask)  over all elements, or along ``dim``.
+
+    Positions with mask 0 do not contribute (even if ``x`` is nan/inf there).
+    """
+    if tuple(x.shape) != tuple(mask.shape):
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but x has shape {tuple(x.shape)}")
+    m = mask.to(x.dtype)
+    xm = torch.where(mask.bool(), x, torch.zeros_like(x))
+    if dim is None:
+        return xm.sum() / m.sum()
+    return xm.sum(dim=dim) / m.sum(dim=dim)
+
+
+def _masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        count = mask.to(x.dtype).sum()
+        if count <= 1:
+            raise ValueError("whiten needs at least two valid (mask == 1) elements")
+        var = var * count / (count - 1)
+    return var
+
+
+def whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
+    """Masked whitening: (x - mean) / sqrt(var + eps) over the valid (mask == 1) entries.
+
+    mean and (Bessel-corrected) var are masked statistics over the whole batch. With
+    ``shift_mean=False`` the mean is added back (scale only), as for PPO rewards. Masked-out
+    positions are set to 0.
+    """
+    mean = masked_mean(x, mask)
+    var = _masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(mask.bool(), out, torch.zeros_like(out))
+
+
+def gae_advantages(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over right-padded token sequences.
+
+        delta_t = r_t + gamma * V_{t+1} - V_t,        A_t = delta_t + gamma * lam * A_{t+1},
+
+    with V_{t+1} = A_{t+1} = 0 after the last valid token (the episode terminates there), and
+    returns R_t = A_t + V_t. Vectorised over the batch; the loop runs backwards over T.
+    The result is detached (targets, not part of the graph).
+
+    Args:
+        rewards: per-token rewards, shape (B, T).
+        values: value-head estimates, shape (B, T).
+        mask: 1 on valid response tokens (right-padded), shape (B, T).
+        gamma: discount in [0, 1].
+        lam: GAE lambda in [0, 1].
+
+    Returns:
+        (advantages, returns), each (B, T) and zero where mask == 0.
+    """
+    _check_token_shapes(rewards=rewards, values=values, mask=mask)
+    if not (0.0 <= gamma <= 1.0):
+        raise ValueError(f"gamma must lie in [0, 1], got {gamma!r}")
+    if not (0.0 <= lam <= 1.0):
+        raise ValueError(f"lam must lie in [0, 1], got {lam!r}")
+    m = mask.to(rewards.dtype)
+    r = rewards.detach() * m
+    v = values.detach().to(rewards.dtype) * m
+    _, t_len = r.shape
+    adv = torch.zeros_like(r)
+    next_adv = torch.zeros_like(r[:, 0])
+    next_value = torch.zeros_like(r[:, 0])
+    for t in reversed(range(t_len)):
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        cur = (delta + gamma * lam * next_adv) * m[:, t]
+        adv[:, t] = cur
+        next_adv = cur
+        next_value = v[:, t]
+    returns = (adv + v) * m
+    return adv, returns
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clipped PPO surrogate (Schulman et al. 2017), per-token, masked mean.
+
+        ratio = exp(logp - logp_old)
+        L = mean_mask( max(-A * ratio, -A * clip(ratio, 1 - c, 1 + c)) )
+
+    Returns:
+        (loss, clipfrac, approx_kl): ``loss`` is a scalar with gradient w.r.t. ``logprobs``;
+        ``clipfrac`` = fraction of valid tokens where the clipped term is active;
+        ``approx_kl`` = 0.5 * mean_mask((logp - logp_old)^2) (both detached).
+    """
+    _check_token_shapes(
+        logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask
+    )
+    _check_clip(clip)
+    log_ratio = logprobs - old_logprobs.detach()
+    ratio = torch.exp(log_ratio)
+    adv = advantages.detach()
+    pg1 = -adv * ratio
+    pg2 = -adv * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.maximum(pg1, pg2), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((pg2 > pg1).to(logprobs.dtype), mask)
+        approx_kl = 0.5 * masked_mean(log_ratio**2, mask)
+    return loss, clipfrac, approx_kl
+
+
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss.
+
+        v_clip = v_old + clip(v - v_old, -c, c)
+        L = 0.5 * mean_mask( max((v - R)^2, (v_clip - R)^2) )
+
+    Returns:
+        (loss, clipfrac): scalar loss and the (detached) fraction of valid tokens where the
+        clipped error is the larger one.
+    """
+    _check_token_shapes(values=values, old_values=old_values, returns=returns, mask=mask)
+    _check_clip(clip)
+    old = old_values.detach()
+    ret = returns.detach()
+    v_clipped = old + torch.clamp(values - old, -clip, clip)
+    err1 = (values - ret) ** 2
+    err2 = (v_clipped - ret) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(err1, err2), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((err2 > err1).to(values.dtype), mask)
+    return loss, clipfrac
+
+
+def _check_clip(clip: float) -> None:
+    if not (clip > 0) or not math.isfinite(clip):
+        raise ValueError(f"clip must be a finite number > 0, got {clip!r}")
+
+
+def token_rewards(
+    sequence_reward: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    reward_clip: float | None = None,
+) -> torch.Tensor:
+    """Per-token PPO rewards: KL penalty at every valid token, sequence reward at the last.
+
+        r_t = -kl_coef * (log pi(y_t) - log pi_ref(y_t))             for valid t,
+        r_{t_last} += clip(R(y), -reward_clip, reward_clip)            (clip optional),
+
+    t_last = the last valid token of each right-padded row; 0 where mask == 0. Detached.
+
+    Args:
+        sequence_reward: one reward per sequence, shape (B,).
+        logprobs, ref_logprobs: per-token log-probs of the sampled tokens, shape (B, T).
+        mask: 1 on valid response tokens, right-padded, shape (B, T); every row needs >= 1.
+        kl_coef: beta >= 0.
+        reward_clip: optional bound > 0 on |R(y)|.
+
+    Returns:
+        (B, T) rewards.
+    """
+    _check_token_shapes(logprobs=logprobs, ref_logprobs=ref_logprobs, mask=mask)
+    if tuple(sequence_reward.shape) != (logprobs.shape[0],):
+        raise ValueError(
+            f"sequence_reward must have shape ({logprobs.shape[0]},), "
+            f"got {tuple(sequence_reward.shape)}"
+        )
+    if not (kl_coef >= 0) or not math.isfinite(kl_coef):
+        raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef!r}")
+    if reward_clip is not None and not (reward_clip > 0):
+        raise ValueError(f"reward_clip must be > 0 or None, got {reward_clip!r}")
+    lengths = mask.to(torch.long).sum(dim=1)
+    if torch.any(lengths == 0):
+        raise ValueError("mask has a row with no valid token")
+    m = mask.to(logprobs.dtype)
+    rewards = (-kl_coef * (logprobs.detach() - ref_logprobs.detach())) * m
+    seq = sequence_reward.detach().to(rewards.dtype)
+    if reward_clip is not None:
+        seq = torch.clamp(seq, -reward_clip, reward_clip)
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, lengths - 1] += seq
+    return rewards
+
+
+class FixedKLController:
+    """Constant KL coefficient with the controller API (``.value``, ``.update``)."""
+
+    def __init__(self, kl_coef: float) -> None:
+        if not (kl_coef >= 0) or not math.isfinite(kl_coef):
+            raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef!r}")
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        """No-op; returns the (unchanged) coefficient."""
+        return self.value
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient of Ziegler et al. (2019).
+
+        e = clip(KL / target - 1, -0.2, 0.2),      beta <- beta * (1 + e * n_steps / horizon)
+
+    so beta grows when the measured KL exceeds the target and shrinks when below it.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float) -> None:
+        if not (init_kl_coef > 0) or not math.isfinite(init_kl_coef):
+            raise ValueError(f"init_kl_coef must be a finite number > 0, got {init_kl_coef!r}")
+        if not (target > 0) or not math.isfinite(target):
+            raise ValueError(f"target must be a finite number > 0, got {target!r}")
+        if not (horizon > 0) or not math.isfinite(horizon):
+            raise ValueError(f"horizon must be a finite number > 0, got {horizon!r}")
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        """Update the coefficient after ``n_steps`` samples at measured KL; returns the new value."""
+        proportional_error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+        return self.value
+
+
+def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean per-token entropy over valid tokens.
+
+        H_t = logsumexp(l_t) - sum_v softmax(l_t)_v * l_{t,v},     result = mean_mask(H_t)
+
+    Args:
+        logits: (B, T, V).
+        mask: (B, T).
+    """
+    if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(mask.shape):
+        raise ValueError(
+            f"logits must have shape (B, T, V) matching mask (B, T); got {tuple(logits.shape)} "
+            f"and {tuple(mask.shape)}"
+        )
+    probs = torch.softmax(logits, dim=-1)
+    ent = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
+    return masked_mean(ent, mask)
+
+
+def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k1 per-token KL estimator, logp - ref_logp (unbiased for KL(pi || pi_ref), can be < 0)."""
+    return logp - ref_logp
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k3 per-token KL estimator, exp(r) - 1 - r with r = ref_logp - logp (unbiased, always >= 0)."""
+    r = ref_logp - logp
+    return torch.expm1(r) - r

@@ -1,0 +1,262 @@
+"""One declared pyarrow schema per table, atomic Parquet writes and validating reads.
+
+Every Parquet artifact the pipeline writes is listed in :data:`SCHEMAS`. Writers go through
+:func:`write_table`, which casts to the declared schema, refuses non-finite values in columns
+declared finite, attaches provenance metadata and renames a temporary file into place, so an
+interrupted job never leaves a table that looks complete. Readers go through :func:`read_table`,
+which raises :class:`SchemaError` naming the file and the offending column or row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+PROVENANCE_KEY = b"bon_pipeline.provenance"
+SCHEMA_KEY = b"bon_pipeline.schema"
+
+
+class SchemaError(ValueError):
+    """A table does not match its declared schema (message names the file and column)."""
+
+
+def _f(name: str, typ: pa.DataType, nullable: bool = False, doc: str = "") -> pa.Field:
+    return pa.field(name, typ, nullable=nullable, metadata={b"doc": doc.encode()} if doc else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Declared schemas. Column docs are part of the schema (shown by `describe_schema`).
+# --------------------------------------------------------------------------------------------
+SCHEMAS: dict[str, pa.Schema] = {
+    "corpus": pa.schema(
+        [
+            _f("text_id", pa.string(), doc="stable id of the source text"),
+            _f("group", pa.string(), doc="split group (movie name by default)"),
+            _f("text", pa.string(), doc="the full source text"),
+        ]
+    ),
+    "prompts": pa.schema(
+        [
+            _f("prompt_id", pa.string(), doc="unique id, '<split>-<index>'"),
+            _f("split", pa.string(), doc="train or test"),
+            _f("prompt", pa.string(), doc="the prompt text (a 2-8 word prefix by default)"),
+            _f("text_id", pa.string(), doc="source text the prefix was cut from"),
+            _f("group", pa.string(), doc="split group of the source text"),
+            _f("n_words", pa.int32(), doc="words in the prompt"),
+            _f("preference", pa.string(), nullable=True, doc="per-prompt preference z (PRS)"),
+        ]
+    ),
+    "samples": pa.schema(
+        [
+            _f("prompt_id", pa.string()),
+            _f("sample_idx", pa.int32(), doc="0..M-1 within the prompt"),
+            _f("prompt", pa.string()),
+            _f("response", pa.string(), doc="decoded continuation (prompt excluded)"),
+            _f("response_token_ids", pa.list_(pa.int32()), doc="generated ids incl. a final EOS"),
+            _f("n_tokens", pa.int32(), doc="len(response_token_ids)"),
+            _f("finished", pa.bool_(), doc="generation ended with EOS before max_new_tokens"),
+            _f("ref_logprob", pa.float64(), doc="sum of log pi_ref(token) over the response"),
+            _f("strategy", pa.string(), doc="sampling strategy: random or prs"),
+            _f("layer", pa.int8(), doc="PRS layer (0 for random sampling)"),
+            _f("parent_idx", pa.int32(), doc="PRS parent sample_idx, -1 if none"),
+        ]
+    ),
+    "rewards": pa.schema(
+        [
+            _f("prompt_id", pa.string()),
+            _f("sample_idx", pa.int32()),
+            _f("scorer", pa.string(), doc="'gold' or a proxy name like 'rm-seed1'"),
+            _f("kind", pa.string(), doc="'gold' or 'proxy'"),
+            _f("reward", pa.float64(), doc="the scorer's reward for prompt + response"),
+        ]
+    ),
+    "cdf": pa.schema(
+        [
+            _f("prompt_id", pa.string()),
+            _f("objective", pa.string(), doc="ensemble objective: mean, wco, uwo or a member"),
+            _f("n_samples", pa.int32(), doc="M, the number of cached rewards"),
+            _f("sorted_rewards", pa.list_(pa.float64()), doc="the M proxy rewards, ascending"),
+            _f("fit_a", pa.float64(), nullable=True, doc="curvefit: log F ~ -a exp(-b r) - c"),
+            _f("fit_b", pa.float64(), nullable=True),
+            _f("fit_c", pa.float64(), nullable=True),
+            _f("fit_rmse", pa.float64(), nullable=True, doc="curvefit residual (log space)"),
+            _f("fit_ok", pa.bool_(), doc="curve fit succeeded (else the empirical CDF is used)"),
+        ]
+    ),
+    "preferences": pa.schema(
+        [
+            _f("pair_id", pa.int32()),
+            _f("prompt_id", pa.string()),
+            _f("prompt", pa.string()),
+            _f("chosen", pa.string(), doc="preferred response (after label noise)"),
+            _f("rejected", pa.string()),
+            _f("chosen_gold", pa.float64(), doc="gold reward of prompt + chosen"),
+            _f("rejected_gold", pa.float64()),
+            _f("flipped", pa.bool_(), doc="label noise flipped this pair"),
+        ]
+    ),
+    "train_log": pa.schema(
+        [
+            _f("step", pa.int32()),
+            _f("split", pa.string(), doc="'train' (running batch) or 'val' (held-out evaluation)"),
+            _f("epoch", pa.float64()),
+            _f("loss", pa.float64()),
+            _f("lr", pa.float64()),
+            _f("tokens", pa.int64(), doc="tokens (or pairs) processed so far"),
+            _f("accuracy", pa.float64(), nullable=True, doc="pairwise accuracy (reward models)"),
+            _f("elapsed_s", pa.float64()),
+        ]
+    ),
+}
+
+# Float columns where NaN or +-inf is an error on write and on read.
+FINITE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "samples": ("ref_logprob",),
+    "rewards": ("reward",),
+    "preferences": ("chosen_gold", "rejected_gold"),
+}
+
+
+def describe_schema(name: str) -> str:
+    """Human-readable description of a declared schema (used in the README and errors)."""
+    schema = SCHEMAS[name]
+    lines = [f"{name}:"]
+    for field in schema:
+        doc = (field.metadata or {}).get(b"doc", b"").decode()
+        null = " (nullable)" if field.nullable else ""
+        lines.append(f"  {field.name}: {field.type}{null}" + (f"  -- {doc}" if doc else ""))
+    return "\n".join(lines)
+
+
+def _check_finite(table: pa.Table, name: str, path: str | os.PathLike) -> None:
+    for col in FINITE_COLUMNS.get(name, ()):
+        arr = table.column(col)
+        values = arr.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise SchemaError(
+                f"{path}: column '{col}' has {int(bad.sum())} non-finite value(s) "
+                f"(first at row {row}: {values[row]!r})"
+            )
+
+
+def _check_nulls(table: pa.Table, schema: pa.Schema, path: str | os.PathLike) -> None:
+    for field in schema:
+        if not field.nullable and table.column(field.name).null_count:
+            col = table.column(field.name)
+            row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+            raise SchemaError(
+                f"{path}: column '{field.name}' has {col.null_count} null value(s) "
+                f"(first at row {row}) but is declared non-nullable"
+            )
+
+
+def conform(data: Any, name: str, path: str | os.PathLike = "<table>") -> pa.Table:
+    """Cast ``data`` (pyarrow Table, polars DataFrame or dict of columns) to schema ``name``."""
+    schema = SCHEMAS[name]
+    if isinstance(data, pa.Table):
+        table = data
+    elif hasattr(data, "to_arrow"):
+        table = data.to_arrow()
+    elif isinstance(data, Mapping):
+        missing = [f.name for f in schema if f.name not in data]
+        if missing:
+            raise SchemaError(f"{path}: missing column(s) {missing} for table '{name}'")
+        table = pa.table({f.name: pa.array(data[f.name], type=f.type) for f in schema})
+    else:
+        raise TypeError(f"cannot write {type(data).__name__} as table '{name}'")
+    missing = [f.name for f in schema if f.name not in table.column_names]
+    if missing:
+        raise SchemaError(f"{path}: missing column(s) {missing} for table '{name}'")
+    table = table.select([f.name for f in schema])
+    try:
+        table = table.cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+        raise SchemaError(f"{path}: cannot cast to schema '{name}': {exc}") from exc
+    _check_nulls(table, schema, path)
+    _check_finite(table, name, path)
+    return table
+
+
+def write_table(
+    data: Any,
+    path: str | os.PathLike,
+    name: str,
+    provenance: Mapping[str, Any] | None = None,
+) -> Path:
+    """Validate ``data`` against schema ``name`` and write it atomically to ``path``.
+
+    The table is written to a temporary file in the same directory and renamed into place,
+    so readers never see a partial file. ``provenance`` (config hash, seed, model paths, ...)
+    is stored as JSON in the Parquet key-value metadata.
+    """
+    path = Path(path)
+    table = conform(data, name, path)
+    meta = dict(table.schema.metadata or {})
+    meta[SCHEMA_KEY] = name.encode()
+    meta[PROVENANCE_KEY] = json.dumps(dict(provenance or {}), sort_keys=True, default=str).encode()
+    table = table.replace_schema_metadata(meta)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_table(path: str | os.PathLike, name: str) -> pa.Table:
+    """Read ``path`` and validate it against schema ``name``.
+
+    Raises :class:`SchemaError` naming the file and the missing / mistyped / non-finite column.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: table '{name}' does not exist")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise SchemaError(f"{path}: not a readable Parquet file: {exc}") from exc
+    schema = SCHEMAS[name]
+    for field in schema:
+        if field.name not in table.column_names:
+            raise SchemaError(
+                f"{path}: missing column '{field.name}' (expected schema '{name}', "
+                f"found columns {table.column_names})"
+            )
+        actual = table.schema.field(field.name).type
+        if not actual.equals(field.type):
+            raise SchemaError(
+                f"{path}: column '{field.name}' has type {actual}, expected {field.type}"
+            )
+    table = table.select([f.name for f in schema])
+    _check_nulls(table, schema, path)
+    _check_finite(table, name, path)
+    return table
+
+
+def read_provenance(path: str | os.PathLike) -> dict[str, Any]:
+    """The provenance dict stored by :func:`write_table` (empty if absent)."""
+    meta = pq.read_schema(path).metadata or {}
+    raw = meta.get(PROVENANCE_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def read_polars(path: str | os.PathLike, name: str):
+    """:func:`read_table` as a polars DataFrame."""
+    import polars as pl
+
+    return pl.from_arrow(read_table(path, name))
+

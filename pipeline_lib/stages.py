@@ -1,0 +1,469 @@
+"""Pipeline stages: each reads its input files, calls library functions, writes its outputs.
+
+The Snakemake scripts in ``workflow/scripts`` are one call into this module each, so every
+stage can also be run (and tested) without Snakemake.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from pipeline_lib import __version__
+from pipeline_lib.cdf import fit_log_cdf, group_sorted_matrix
+from pipeline_lib.config import config_hash
+from pipeline_lib.data import load_corpus, make_prompts, split_by_group
+from pipeline_lib.generation import (
+    HFBackend,
+    SamplingParams,
+    prompt_groups,
+    sample_groups,
+    sequence_logprobs,
+    shard_groups,
+)
+from pipeline_lib.modeling import (
+    build_scratch_policy,
+    encode_prompt,
+    load_causal_lm,
+    load_tokenizer,
+    pick_device,
+    save_model,
+    train_tokenizer,
+)
+from pipeline_lib.rewards import ensemble, member_stats, zscore_members
+from pipeline_lib.schemas import read_polars, read_table, write_table
+from pipeline_lib.scorers import gold_scorer, reward_model_scorer
+from pipeline_lib.seeding import derive_seed, seed_everything
+
+log = logging.getLogger("pipeline")
+PathLike = str | os.PathLike
+
+
+class StageError(RuntimeError):
+    """A stage's inputs are inconsistent (message names the file and what is wrong)."""
+
+
+def provenance(config: Mapping[str, Any], stage: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "stage": stage,
+        "config_hash": config_hash(config),
+        "seed": config["seed"],
+        "task": config["task"],
+        "pipeline_version": __version__,
+        **{k: str(v) if isinstance(v, Path) else v for k, v in extra.items()},
+    }
+
+
+def _setup(config: Mapping[str, Any], threads: int | None, *seed_parts: object) -> torch.device:
+    if threads:
+        torch.set_num_threads(int(threads))
+    seed_everything(derive_seed(config["seed"], *seed_parts))
+    return pick_device(config["device"])
+
+
+@contextmanager
+def atomic_dir(path: PathLike):
+    """Build a directory next to ``path`` and rename it into place only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# prompts
+# ---------------------------------------------------------------------------------------------
+def run_prompts(
+    config: Mapping[str, Any], prompts_out: Mapping[str, PathLike], corpus_out: Mapping[str, PathLike]
+) -> None:
+    """Load the corpus, split it by group, cut prompts for the train / test / pref splits."""
+    corpus, source = load_corpus(config["corpus"])
+    train, test = split_by_group(corpus, config["prompts"]["test_fraction"], config["seed"])
+    log.info("corpus %s: %d texts, %d train / %d test (split by group)", source,
+             corpus.height, train.height, test.height)
+    pc, seed = config["prompts"], config["seed"]
+    kw = dict(min_words=pc["min_words"], max_words=pc["max_words"], seed=seed,
+              preference=pc["preference"])
+    tables = {
+        "train": make_prompts(train, pc["n_train"], "train", **kw),
+        "test": make_prompts(test, pc["n_test"], "test", **kw),
+    }
+    tables["pref"] = make_prompts(train, pc["n_pref"], "pref",
+                                  exclude_text_ids=tables["train"]["text_id"].to_list(), **kw)
+    prov = provenance(config, "prompts", corpus=source)
+    for split, path in prompts_out.items():
+        write_table(tables[split], path, "prompts", prov)
+    for split, frame in (("train", train), ("test", test)):
+        write_table(frame, corpus_out[split], "corpus", prov)
+
+
+# ---------------------------------------------------------------------------------------------
+# sft
+# ---------------------------------------------------------------------------------------------
+def run_sft(
+    config: Mapping[str, Any],
+    corpus_train: PathLike,
+    corpus_test: PathLike,
+    out_dir: PathLike,
+    log_table: PathLike,
+    threads: int | None = None,
+) -> None:
+    """Train the reference policy: from scratch (BPE tokenizer + GPT-2) or from a local model."""
+    _setup(config, threads, "sft")
+    train_texts = read_polars(corpus_train, "corpus")["text"].to_list()
+    val_texts = read_polars(corpus_test, "corpus")["text"].to_list()[:512]
+    pol = config["policy"]
+    if pol["base"] == "scratch":
+        tokenizer = train_tokenizer(train_texts, pol["vocab_size"])
+        model = build_scratch_policy(tokenizer, pol)
+        log.info("scratch GPT-2: %d parameters, vocab %d",
+                 sum(p.numel() for p in model.parameters()), len(tokenizer))
+    else:
+        tokenizer = load_tokenizer(pol["base"])
+        model = load_causal_lm(pol["base"])
+        model.config.pad_token_id = tokenizer.pad_token_id
+    cfg = {**config["sft"], "device": config["device"]}
+    rows, model = _train_sft(model, tokenizer, train_texts, val_texts, cfg, config)
+    with atomic_dir(out_dir) as tmp:
+        save_model(model, tokenizer, tmp)
+    write_table(pl.DataFrame(rows, schema_overrides={"accuracy": pl.Float64}), log_table,
+                "train_log", provenance(config, "sft", base=pol["base"]))
+
+
+def _train_sft(model, tokenizer, train_texts, val_texts, cfg, config):
+    from pipeline_lib.training import train_sft
+
+    return train_sft(model, tokenizer, train_texts, val_texts, cfg,
+                     seed=derive_seed(config["seed"], "sft-order"),
+                     on_log=lambda r: log.info("sft %s", json.dumps(r)))
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+# ---------------------------------------------------------------------------------------------
+def _sampling_params(config: Mapping[str, Any]) -> SamplingParams:
+    g = config["generation"]
+    return SamplingParams(temperature=g["temperature"], top_p=g["top_p"], top_k=g["top_k"],
+                          max_new_tokens=g["max_new_tokens"])
+
+
+def make_backend(config: Mapping[str, Any], policy_dir: PathLike, device):
+    backend = config["generation"]["backend"]
+    if backend != "hf":
+        raise StageError(f"config key generation.backend: unknown backend {backend!r}")
+    tokenizer = load_tokenizer(policy_dir, "policy")
+    model = load_causal_lm(policy_dir, device, "policy")
+    return HFBackend(model, tokenizer, device)
+
+
+def generate_table(
+    backend,
+    prompts: pl.DataFrame,
+    indices: Sequence[int] | None,
+    m: int,
+    config: Mapping[str, Any],
+    split: str,
+) -> pl.DataFrame:
+    """Sample ``m`` responses for the prompts of the groups covering ``indices``; returns rows
+    of the ``samples`` schema with reference log-probs."""
+    tok = backend.tokenizer
+    prompt_texts = prompts["prompt"].to_list()
+    prompt_ids = [encode_prompt(tok, t) for t in prompt_texts]
+    groups = prompt_groups(len(prompt_ids), m, config["generation"]["batch_size"])
+    if indices is not None:
+        wanted = set(indices)
+        groups = [g for g in groups if g.start in wanted]
+    sampled = sample_groups(backend, prompt_ids, groups, m, _sampling_params(config),
+                            config["seed"], split)
+    order = sorted(sampled)
+    flat = [(i, j, r) for i in order for j, r in enumerate(sampled[i])]
+    ref = sequence_logprobs(backend.model, [prompt_ids[i] for i, _, _ in flat],
+                            [r.token_ids for _, _, r in flat], tok.pad_token_id, backend.device)
+    eos = tok.eos_token_id
+    ids = prompts["prompt_id"].to_list()
+    return pl.DataFrame(
+        {
+            "prompt_id": [ids[i] for i, _, _ in flat],
+            "sample_idx": [j for _, j, _ in flat],
+            "prompt": [prompt_texts[i] for i, _, _ in flat],
+            "response": tok.batch_decode(
+                [[t for t in r.token_ids if t != eos] for _, _, r in flat],
+                skip_special_tokens=True,
+            ),
+            "response_token_ids": [r.token_ids for _, _, r in flat],
+            "n_tokens": [len(r.token_ids) for _, _, r in flat],
+            "finished": [r.finished for _, _, r in flat],
+            "ref_logprob": ref,
+            "strategy": ["random"] * len(flat),
+            "layer": [0] * len(flat),
+            "parent_idx": [-1] * len(flat),
+        },
+        schema_overrides={"response_token_ids": pl.List(pl.Int32)},
+    )
+
+
+def shard_group_starts(n_prompts: int, m: int, config: Mapping[str, Any], shard: int) -> list[int]:
+    groups = prompt_groups(n_prompts, m, config["generation"]["batch_size"])
+    return [g.start for g in shard_groups(groups, config["sampling"]["shards"], shard)]
+
+
+def run_sample_shard(
+    config: Mapping[str, Any],
+    split: str,
+    shard: int,
+    policy_dir: PathLike,
+    prompts_path: PathLike,
+    out: PathLike,
+    threads: int | None = None,
+) -> None:
+    """Sample M responses for one shard of a split's prompts (groups are seeded globally)."""
+    device = _setup(config, threads, "sample", split, shard)
+    prompts = read_polars(prompts_path, "prompts")
+    m = config["sampling"]["M"][split]
+    starts = shard_group_starts(prompts.height, m, config, shard)
+    backend = make_backend(config, policy_dir, device)
+    table = generate_table(backend, prompts, starts, m, config, split)
+    write_table(table, out, "samples",
+                provenance(config, "sample", split=split, shard=shard, policy=policy_dir, M=m))
+
+
+def run_gather(
+    config: Mapping[str, Any], split: str, shards: Sequence[PathLike], prompts_path: PathLike,
+    out: PathLike,
+) -> None:
+    """Concatenate shards; check every prompt has samples 0..M-1 exactly once."""
+    prompts = read_polars(prompts_path, "prompts")
+    m = config["sampling"]["M"][split]
+    table = pl.concat([read_polars(s, "samples") for s in shards])
+    check_complete(table, prompts["prompt_id"].to_list(), m, f"{split} shards {list(shards)}")
+    order = {p: i for i, p in enumerate(prompts["prompt_id"].to_list())}
+    table = (table.with_columns(pl.col("prompt_id").replace_strict(order).alias("_o"))
+             .sort("_o", "sample_idx").drop("_o"))
+    write_table(table, out, "samples", provenance(config, "gather", split=split, M=m,
+                                                  shards=len(shards)))
+
+
+def check_complete(table: pl.DataFrame, prompt_ids: Sequence[str], m: int, where: str) -> None:
+    """Every prompt present with sample_idx 0..m-1 exactly once, nothing else."""
+    expected = len(prompt_ids) * m
+    dup = table.select("prompt_id", "sample_idx").is_duplicated()
+    if dup.any():
+        row = table.filter(dup).row(0, named=True)
+        raise StageError(f"{where}: (prompt {row['prompt_id']}, sample {row['sample_idx']}) "
+                         "appears more than once")
+    counts = dict(table.group_by("prompt_id").len().iter_rows())
+    for pid in prompt_ids:
+        if counts.get(pid, 0) != m:
+            raise StageError(f"{where}: prompt {pid} has {counts.get(pid, 0)} samples, expected "
+                             f"M={m}")
+    extra = set(counts) - set(prompt_ids)
+    if extra:
+        raise StageError(f"{where}: unknown prompt id(s) {sorted(extra)[:5]}")
+    if table.height != expected or table["sample_idx"].max() >= m:
+        raise StageError(f"{where}: {table.height} rows, expected {expected} with sample_idx < {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# preferences and reward models
+# ---------------------------------------------------------------------------------------------
+def run_preferences(
+    config: Mapping[str, Any], policy_dir: PathLike, prompts_path: PathLike, out: PathLike,
+    threads: int | None = None,
+) -> None:
+    """Sample responses from the SFT policy, label pairs with the gold scorer (+ noise)."""
+    device = _setup(config, threads, "preferences")
+    prompts = read_polars(prompts_path, "prompts")
+    k = config["preferences"]["samples_per_prompt"]
+    backend = make_backend(config, policy_dir, device)
+    samples = generate_table(backend, prompts, None, k, config, "pref")
+    gold = gold_scorer(config["gold"], device)
+    texts = [p + r for p, r in zip(samples["prompt"], samples["response"], strict=True)]
+    samples = samples.with_columns(pl.Series("gold", gold.score(texts)))
+    rng = np.random.default_rng(derive_seed(config["seed"], "preference-pairs"))
+    rows = []
+    for (pid,), grp in samples.group_by(["prompt_id"], maintain_order=True):
+        g = grp["gold"].to_numpy()
+        candidates = [(a, b) for a in range(len(g)) for b in range(a + 1, len(g)) if g[a] != g[b]]
+        if not candidates:
+            continue  # every response ties under the gold scorer: no preference signal
+        a, b = candidates[rng.integers(len(candidates))]
+        w, lo = (a, b) if g[a] > g[b] else (b, a)
+        rows.append(dict(prompt_id=pid, prompt=grp["prompt"][0],
+                         chosen=grp["response"][w], rejected=grp["response"][lo],
+                         chosen_gold=float(g[w]), rejected_gold=float(g[lo])))
+    if not rows:
+        raise StageError(f"{prompts_path}: no prompt produced two responses with different gold "
+                         "rewards; cannot build preference pairs")
+    noise = config["preferences"]["label_noise"]
+    flip = rng.random(len(rows)) < noise
+    for row, f in zip(rows, flip, strict=True):
+        row["flipped"] = bool(f)
+        if f:
+            row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
+            row["chosen_gold"], row["rejected_gold"] = row["rejected_gold"], row["chosen_gold"]
+    log.info("%d preference pairs from %d prompts (%d dropped as gold ties, %d flipped)",
+             len(rows), prompts.height, prompts.height - len(rows), int(flip.sum()))
+    frame = pl.DataFrame(rows).with_columns(pl.int_range(pl.len(), dtype=pl.Int32).alias("pair_id"))
+    write_table(frame, out, "preferences",
+                provenance(config, "preferences", policy=policy_dir, label_noise=noise))
+
+
+def run_reward_model(
+    config: Mapping[str, Any], seed: int, preferences: PathLike, policy_dir: PathLike,
+    out_dir: PathLike, log_table: PathLike, threads: int | None = None,
+) -> None:
+    """Train one ensemble member: a one-logit classifier initialised from the SFT policy."""
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline_lib.training import train_reward_model
+
+    _setup(config, threads, "reward-model", seed)
+    pairs = read_polars(preferences, "preferences")
+    tokenizer = load_tokenizer(policy_dir, "policy")
+    torch.manual_seed(derive_seed(seed, "rm-head"))  # the seed picks the head initialisation
+    model = AutoModelForSequenceClassification.from_pretrained(
+        policy_dir, num_labels=1, local_files_only=True, trust_remote_code=False
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    cfg = {**config["reward_models"], "device": config["device"]}
+    texts_w = [p + r for p, r in zip(pairs["prompt"], pairs["chosen"], strict=True)]
+    texts_l = [p + r for p, r in zip(pairs["prompt"], pairs["rejected"], strict=True)]
+    rows, model = train_reward_model(model, tokenizer, texts_w, texts_l, cfg,
+                                     seed=derive_seed(seed, "rm-order"))
+    for r in rows:
+        log.info("rm seed %d %s", seed, json.dumps(r))
+    with atomic_dir(out_dir) as tmp:
+        save_model(model, tokenizer, tmp)
+    write_table(pl.DataFrame(rows), log_table, "train_log",
+                provenance(config, "reward_model", rm_seed=seed, init=policy_dir))
+
+
+# ---------------------------------------------------------------------------------------------
+# score
+# ---------------------------------------------------------------------------------------------
+def run_score(
+    config: Mapping[str, Any], split: str, samples_path: PathLike,
+    reward_models: Mapping[str, PathLike], out: PathLike, threads: int | None = None,
+) -> None:
+    """Score every cached sample with the gold scorer and every proxy reward model."""
+    device = _setup(config, threads, "score", split)
+    samples = read_polars(samples_path, "samples")
+    texts = [p + r for p, r in zip(samples["prompt"], samples["response"], strict=True)]
+    scorers = [gold_scorer(config["gold"], device)]
+    bs = config["scoring"]["batch_size"]
+    scorers += [reward_model_scorer(path, name, device, batch_size=bs)
+                for name, path in reward_models.items()]
+    frames = []
+    for scorer in scorers:
+        values = scorer.score(texts)
+        log.info("%s on %s: mean %.4f sd %.4f", scorer.name, split, values.mean(), values.std())
+        frames.append(samples.select("prompt_id", "sample_idx").with_columns(
+            pl.lit(scorer.name).alias("scorer"), pl.lit(scorer.kind).alias("kind"),
+            pl.Series("reward", values)))
+    write_table(pl.concat(frames), out, "rewards",
+                provenance(config, "score", split=split, gold=config["gold"]["type"],
+                           reward_models={k: str(v) for k, v in reward_models.items()}))
+
+
+# ---------------------------------------------------------------------------------------------
+# cdf
+# ---------------------------------------------------------------------------------------------
+def proxy_matrix(rewards: pl.DataFrame, where: str) -> tuple[list[str], np.ndarray, pl.DataFrame]:
+    """Pivot the proxy rows of a reward cache to (k members, N responses).
+
+    Returns member names, the (k, N) matrix and the (prompt_id, sample_idx) key frame of the
+    N columns. Every member must score the same responses.
+    """
+    proxies = rewards.filter(pl.col("kind") == "proxy")
+    if proxies.height == 0:
+        raise StageError(f"{where}: no proxy rewards (kind == 'proxy') in the cache")
+    names = sorted(proxies["scorer"].unique().to_list())
+    wide = proxies.pivot(on="scorer", index=["prompt_id", "sample_idx"], values="reward")
+    wide = wide.sort("prompt_id", "sample_idx")
+    missing = wide.select(pl.col(names).is_null().any()).row(0)
+    for name, miss in zip(names, missing, strict=True):
+        if miss:
+            raise StageError(f"{where}: scorer {name!r} lacks rewards for some samples")
+    return names, wide.select(names).to_numpy().T.astype(np.float64), wide.select(
+        "prompt_id", "sample_idx")
+
+
+def ensemble_rewards(
+    rewards: pl.DataFrame, cfg: Mapping[str, Any], where: str,
+    norm_reference: pl.DataFrame | None = None,
+) -> pl.DataFrame:
+    """One proxy reward per (prompt, sample) under the configured ensemble objective."""
+    names, members, keys = proxy_matrix(rewards, where)
+    if cfg["normalize"]:
+        ref_names, ref, _ = proxy_matrix(norm_reference if norm_reference is not None else rewards,
+                                         f"{where} (normalisation reference)")
+        if ref_names != names:
+            raise StageError(f"{where}: normalisation reference has members {ref_names}, "
+                             f"the cache has {names}")
+        members = zscore_members(members, *member_stats(ref))
+    proxy = ensemble(members, cfg["objective"], uwo_lambda=cfg["uwo_lambda"])
+    return keys.with_columns(pl.Series("proxy", proxy))
+
+
+def run_cdf(
+    config: Mapping[str, Any], split: str, rewards_path: PathLike, samples_path: PathLike,
+    out: PathLike, norm_reference: PathLike | None = None,
+) -> None:
+    """Per prompt: the M proxy rewards under the ensemble objective, sorted (+ curvefit)."""
+    strategies = read_table(samples_path, "samples").column("strategy").unique().to_pylist()
+    if strategies != ["random"]:
+        raise StageError(
+            f"{samples_path}: sampling strategy {strategies} is not i.i.d. sampling from pi_ref; "
+            "reward CDFs (and vBoN) need a 'random' reference cache"
+        )
+    rewards = read_polars(rewards_path, "rewards")
+    cfg = config["cdf"]
+    ref = read_polars(norm_reference, "rewards") if norm_reference else None
+    proxy = ensemble_rewards(rewards, cfg, str(rewards_path), ref)
+    m = config["sampling"]["M"][split]
+    prompt_ids = sorted(proxy["prompt_id"].unique().to_list())
+    check_complete(proxy, prompt_ids, m, str(rewards_path))
+    codes = proxy["prompt_id"].cast(pl.Enum(prompt_ids)).to_physical().to_numpy()
+    sorted_m = group_sorted_matrix(codes, proxy["proxy"].to_numpy(), len(prompt_ids), m)
+    fits = [fit_log_cdf(row) for row in sorted_m] if cfg["curvefit"] else []
+    if fits:
+        n_bad = sum(not f.ok for f in fits)
+        log.info("curvefit: %d/%d prompts fell back to the empirical CDF; median rmse %.4f",
+                 n_bad, len(fits), float(np.nanmedian([f.rmse for f in fits])))
+    nan = [None] * len(prompt_ids)
+    table = pl.DataFrame(
+        {
+            "prompt_id": prompt_ids,
+            "objective": [cfg["objective"]] * len(prompt_ids),
+            "n_samples": [m] * len(prompt_ids),
+            "sorted_rewards": list(sorted_m),
+            "fit_a": [f.a if f.ok else None for f in fits] or nan,
+            "fit_b": [f.b if f.ok else None for f in fits] or nan,
+            "fit_c": [f.c if f.ok else None for f in fits] or nan,
+            "fit_rmse": [f.rmse if f.ok else None for f in fits] or nan,
+            "fit_ok": [f.ok for f in fits] or [False] * len(prompt_ids),
+        },
+        schema_overrides={k: pl.Float64 for k in ("fit_a", "fit_b", "fit_c", "fit_rmse")}
+        | {"sorted_rewards": pl.List(pl.Float64), "n_samples": pl.Int32},
+    )
+    write_table(table, out, "cdf", provenance(
+        config, "cdf", split=split, objective=cfg["objective"], uwo_lambda=cfg["uwo_lambda"],
+        normalize=cfg["normalize"], curvefit=cfg["curvefit"], M=m))

@@ -1,0 +1,228 @@
+"""Training loops for the SFT policy and the Bradley-Terry reward models (accelerate).
+
+Nothing here assumes a GPU: ``accelerate`` places the model on whatever device is there and
+handles mixed precision where configured. Every loop returns per-step log rows for the
+``train_log`` table.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline_lib.losses import bradley_terry_loss
+from pipeline_lib.modeling import encode_prompt
+
+
+def _accelerator(cfg: Mapping[str, Any]):
+    from accelerate import Accelerator
+
+    device = cfg.get("device", "auto")
+    return Accelerator(
+        cpu=device == "cpu" or not torch.cuda.is_available(),
+        mixed_precision=cfg.get("mixed_precision", "no"),
+    )
+
+
+def _scheduler(optimizer, warmup: int, total: int):
+    from transformers import get_scheduler
+
+    return get_scheduler("linear", optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+
+def _batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    order = rng.permutation(n)
+    return [order[s : s + batch_size] for s in range(0, n, batch_size)]
+
+
+def _pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        attn[i, : len(s)] = 1
+    return ids, attn
+
+
+def encode_lm_texts(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """BOS + text + EOS, truncated to ``max_length`` tokens (EOS dropped when truncated)."""
+    out = []
+    for t in texts:
+        ids = [*encode_prompt(tokenizer, t), tokenizer.eos_token_id]
+        out.append(ids[:max_length])
+    return out
+
+
+def _lm_loss(model, batch: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, int]:
+    ids, attn = _pad(batch, pad_id)
+    labels = ids.masked_fill(attn == 0, -100)
+    ids, attn, labels = ids.to(device), attn.to(device), labels.to(device)
+    out = model(input_ids=ids, attention_mask=attn, labels=labels)
+    return out.loss, int(attn.sum())
+
+
+@torch.no_grad()
+def lm_eval_loss(model, seqs: list[list[int]], pad_id: int, device, batch_size: int) -> float:
+    """Token-weighted mean next-token loss on held-out sequences."""
+    model.eval()
+    total, count = 0.0, 0
+    for s in range(0, len(seqs), batch_size):
+        batch = seqs[s : s + batch_size]
+        ids, attn = _pad(batch, pad_id)
+        labels = ids.masked_fill(attn == 0, -100)
+        out = model(input_ids=ids.to(device), attention_mask=attn.to(device),
+                    labels=labels.to(device))
+        n = int((labels[:, 1:] != -100).sum())
+        total += float(out.loss) * n
+        count += n
+    model.train()
+    return total / max(count, 1)
+
+
+def train_sft(
+    model,
+    tokenizer,
+    train_texts: Sequence[str],
+    val_texts: Sequence[str],
+    cfg: Mapping[str, Any],
+    seed: int,
+    on_log: Callable[[dict], None] | None = None,
+):
+    """Causal-LM fine-tuning (or from-scratch training) on ``train_texts``.
+
+    cfg keys: epochs, max_steps (optional), batch_size, lr, weight_decay, warmup_steps,
+    max_length, log_every, eval_every, device, mixed_precision.
+    Returns (log rows, the trained model unwrapped from accelerate).
+    """
+    acc = _accelerator(cfg)
+    pad_id = tokenizer.pad_token_id
+    train = encode_lm_texts(tokenizer, train_texts, int(cfg["max_length"]))
+    val = encode_lm_texts(tokenizer, val_texts, int(cfg["max_length"]))
+    bs = int(cfg["batch_size"])
+    steps_per_epoch = math.ceil(len(train) / bs)
+    total = steps_per_epoch * int(cfg["epochs"])
+    if cfg.get("max_steps"):
+        total = min(total, int(cfg["max_steps"]))
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"])
+    )
+    scheduler = _scheduler(optimizer, int(cfg["warmup_steps"]), total)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    model.train()
+    rng = np.random.default_rng(seed)
+    rows: list[dict] = []
+    step, tokens, t0 = 0, 0, time.perf_counter()
+    log_every, eval_every = int(cfg["log_every"]), int(cfg.get("eval_every") or 0)
+    bar = tqdm(total=total, desc="sft", unit="step", mininterval=5.0)
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        if on_log:
+            on_log(row)
+
+    while step < total:
+        for idx in _batches(len(train), bs, rng):
+            loss, n_tok = _lm_loss(model, [train[i] for i in idx], pad_id, acc.device)
+            acc.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            step += 1
+            tokens += n_tok
+            bar.update(1)
+            if step % log_every == 0 or step == total:
+                emit(dict(step=step, split="train", epoch=step / steps_per_epoch,
+                          loss=float(loss), lr=scheduler.get_last_lr()[0], tokens=tokens,
+                          accuracy=None, elapsed_s=time.perf_counter() - t0))
+            if val and ((eval_every and step % eval_every == 0) or step == total):
+                emit(dict(step=step, split="val", epoch=step / steps_per_epoch,
+                          loss=lm_eval_loss(model, val, pad_id, acc.device, bs),
+                          lr=scheduler.get_last_lr()[0], tokens=tokens, accuracy=None,
+                          elapsed_s=time.perf_counter() - t0))
+            if step >= total:
+                break
+    bar.close()
+    return rows, acc.unwrap_model(model)
+
+
+def _rm_scores(model, tokenizer, texts: Sequence[str], max_length: int, device) -> torch.Tensor:
+    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
+                    return_tensors="pt").to(device)
+    return model(**enc).logits[:, 0].float()
+
+
+@torch.no_grad()
+def pairwise_accuracy(model, tokenizer, chosen: Sequence[str], rejected: Sequence[str],
+                      max_length: int, device, batch_size: int) -> tuple[float, float]:
+    """(mean Bradley-Terry loss, accuracy) of a reward model on held-out pairs."""
+    model.eval()
+    losses, correct = [], []
+    for s in range(0, len(chosen), batch_size):
+        sw = _rm_scores(model, tokenizer, chosen[s : s + batch_size], max_length, device)
+        sl = _rm_scores(model, tokenizer, rejected[s : s + batch_size], max_length, device)
+        losses.append(bradley_terry_loss(sw, sl).cpu())
+        correct.append((sw > sl).float().cpu())
+    model.train()
+    return float(torch.cat(losses).mean()), float(torch.cat(correct).mean())
+
+
+def train_reward_model(
+    model,
+    tokenizer,
+    chosen: Sequence[str],
+    rejected: Sequence[str],
+    cfg: Mapping[str, Any],
+    seed: int,
+):
+    """Pairwise Bradley-Terry training; ``seed`` fixes head init (done by the caller) and
+    data order. A ``val_fraction`` of pairs is held out and evaluated at the end.
+    Returns (log rows, the trained model)."""
+    acc = _accelerator(cfg)
+    rng = np.random.default_rng(seed)
+    n = len(chosen)
+    perm = rng.permutation(n)
+    n_val = int(round(float(cfg["val_fraction"]) * n))
+    val_idx, train_idx = perm[:n_val], perm[n_val:]
+    bs, max_len = int(cfg["batch_size"]), int(cfg["max_length"])
+    steps_per_epoch = math.ceil(len(train_idx) / bs)
+    total = steps_per_epoch * int(cfg["epochs"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=float(cfg["lr"]),
+                                  weight_decay=float(cfg["weight_decay"]))
+    scheduler = _scheduler(optimizer, int(cfg["warmup_steps"]), total)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    model.train()
+    rows: list[dict] = []
+    step, t0 = 0, time.perf_counter()
+    bar = tqdm(total=total, desc=f"reward model seed {seed}", unit="step", mininterval=5.0)
+    for _ in range(int(cfg["epochs"])):
+        for b in _batches(len(train_idx), bs, rng):
+            idx = train_idx[b]
+            sw = _rm_scores(model, tokenizer, [chosen[i] for i in idx], max_len, acc.device)
+            sl = _rm_scores(model, tokenizer, [rejected[i] for i in idx], max_len, acc.device)
+            loss = bradley_terry_loss(sw, sl, center_coef=float(cfg["center_coef"])).mean()
+            acc.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            step += 1
+            bar.update(1)
+            if step % int(cfg["log_every"]) == 0 or step == total:
+                rows.append(dict(step=step, split="train", epoch=step / steps_per_epoch,
+                                 loss=float(loss), lr=scheduler.get_last_lr()[0],
+                                 tokens=step * bs, accuracy=float((sw > sl).float().mean()),
+                                 elapsed_s=time.perf_counter() - t0))
+    bar.close()
+    if n_val:
+        vloss, vacc = pairwise_accuracy(model, tokenizer, [chosen[i] for i in val_idx],
+                                        [rejected[i] for i in val_idx], max_len, acc.device, bs)
+        rows.append(dict(step=step, split="val", epoch=float(cfg["epochs"]), loss=vloss,
+                         lr=scheduler.get_last_lr()[0], tokens=step * bs, accuracy=vacc,
+                         elapsed_s=time.perf_counter() - t0))
+    return rows, acc.unwrap_model(model)

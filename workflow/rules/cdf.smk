@@ -1,0 +1,22 @@
+def cdf_norm_reference(wildcards):
+    """Members are z-normalised against the train reward cache when cdf.normalize is set."""
+    return {"norm_reference": f"{R}/rewards/train.parquet"} if config["cdf"]["normalize"] else {}
+
+
+rule cdf:
+    """Per prompt: the M proxy rewards under the ensemble objective, sorted (+ curvefit)."""
+    input:
+        unpack(cdf_norm_reference),
+        rewards=f"{R}/rewards/{{split}}.parquet",
+        samples=f"{R}/samples/{{split}}.parquet",
+    output:
+        f"{R}/cdf/{{split}}.parquet",
+    params:
+        cfg=section("cdf"),
+    log:
+        f"{R}/logs/cdf-{{split}}.log",
+    resources:
+        mem_mb=4000,
+        runtime=10,
+    script:
+        "../scripts/cdf.py"

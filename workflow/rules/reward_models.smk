@@ -1,0 +1,39 @@
+rule preferences:
+    """Pairs of SFT samples on the pref prompts, labelled by the gold scorer (+ label noise)."""
+    input:
+        policy=f"{R}/models/sft",
+        prompts=f"{R}/data/prompts-pref.parquet",
+    output:
+        f"{R}/data/preferences.parquet",
+    params:
+        cfg=section("seed", "device", "generation", "gold", "preferences"),
+    log:
+        f"{R}/logs/preferences.log",
+    threads: THREADS
+    resources:
+        gpu=GPUS,
+        mem_mb=8000,
+        runtime=60,
+    script:
+        "../scripts/preferences.py"
+
+
+rule reward_model:
+    """One seed of the proxy reward-model ensemble (Bradley-Terry, initialised from SFT)."""
+    input:
+        preferences=f"{R}/data/preferences.parquet",
+        policy=f"{R}/models/sft",
+    output:
+        model=directory(f"{R}/models/rm-seed{{seed}}"),
+        log_table=f"{R}/logs/rm-seed{{seed}}.parquet",
+    params:
+        cfg=section("seed", "device", "reward_models"),
+    log:
+        f"{R}/logs/rm-seed{{seed}}.log",
+    threads: THREADS
+    resources:
+        gpu=GPUS,
+        mem_mb=8000,
+        runtime=120,
+    script:
+        "../scripts/reward_model.py"

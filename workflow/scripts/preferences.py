@@ -1,0 +1,12 @@
+"""Snakemake script for rule `preferences`."""
+from pipeline_lib.logs import job_logging
+from pipeline_lib.stages import run_preferences
+
+with job_logging(snakemake.log[0], snakemake.rule):
+    run_preferences(
+        snakemake.config,
+        policy_dir=snakemake.input.policy,
+        prompts_path=snakemake.input.prompts,
+        out=snakemake.output[0],
+        threads=snakemake.threads,
+    )
