@@ -160,6 +160,46 @@ def _check_nulls(table: pa.Table, schema: pa.Schema, path: str | os.PathLike) ->
             )
 
 
+def _kind(t: pa.DataType) -> str:
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "string"
+    if pa.types.is_integer(t):
+        return "integer"
+    if pa.types.is_floating(t):
+        return "float"
+    if pa.types.is_boolean(t):
+        return "bool"
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return f"list<{_kind(t.value_type)}>"
+    if pa.types.is_null(t):
+        return "null"
+    return str(t)
+
+
+def _cast_columns(table: pa.Table, schema: pa.Schema, path: str | os.PathLike) -> pa.Table:
+    """Cast each column to its declared type; only same-kind, value-preserving casts
+    (large_string -> string, int64 -> int32 when values fit, float32 -> float64, an all-null
+    column) are accepted."""
+    columns = []
+    for field in schema:
+        col = table.column(field.name)
+        kind, want = _kind(col.type), _kind(field.type)
+        ok_kind = kind == want or kind == "null" or (kind == "integer" and want == "float")
+        if not ok_kind:
+            raise SchemaError(
+                f"{path}: column '{field.name}' has type {col.type}, expected {field.type}"
+            )
+        try:
+            columns.append(col.cast(field.type, safe=True))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise SchemaError(
+                f"{path}: column '{field.name}' cannot be cast to {field.type}: {exc}"
+            ) from exc
+    table = pa.Table.from_arrays(columns, names=schema.names)
+    _check_nulls(table, schema, path)
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
 def conform(data: Any, name: str, path: str | os.PathLike = "<table>") -> pa.Table:
     """Cast ``data`` (pyarrow Table, polars DataFrame or dict of columns) to schema ``name``."""
     schema = SCHEMAS[name]
@@ -177,12 +217,7 @@ def conform(data: Any, name: str, path: str | os.PathLike = "<table>") -> pa.Tab
     missing = [f.name for f in schema if f.name not in table.column_names]
     if missing:
         raise SchemaError(f"{path}: missing column(s) {missing} for table '{name}'")
-    table = table.select([f.name for f in schema])
-    try:
-        table = table.cast(schema)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
-        raise SchemaError(f"{path}: cannot cast to schema '{name}': {exc}") from exc
-    _check_nulls(table, schema, path)
+    table = _cast_columns(table, schema, path)
     _check_finite(table, name, path)
     return table
 
@@ -236,13 +271,7 @@ def read_table(path: str | os.PathLike, name: str) -> pa.Table:
                 f"{path}: missing column '{field.name}' (expected schema '{name}', "
                 f"found columns {table.column_names})"
             )
-        actual = table.schema.field(field.name).type
-        if not actual.equals(field.type):
-            raise SchemaError(
-                f"{path}: column '{field.name}' has type {actual}, expected {field.type}"
-            )
-    table = table.select([f.name for f in schema])
-    _check_nulls(table, schema, path)
+    table = _cast_columns(table, schema, path)
     _check_finite(table, name, path)
     return table
 

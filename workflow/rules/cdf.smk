@@ -1,8 +1,3 @@
-def cdf_norm_reference(wildcards):
-    """Members are z-normalised against the train reward cache when cdf.normalize is set."""
-    return {"norm_reference": f"{R}/rewards/train.parquet"} if config["cdf"]["normalize"] else {}
-
-
 rule cdf:
     """Per prompt: the M proxy rewards under the ensemble objective, sorted (+ curvefit)."""
     input:

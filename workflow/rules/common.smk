@@ -17,3 +17,8 @@ wildcard_constraints:
 def section(*names):
     """Config sections a rule depends on, as params (a change reruns the rule)."""
     return {n: config[n] for n in names}
+
+
+def cdf_norm_reference(wildcards):
+    """Members are z-normalised against the train reward cache when cdf.normalize is set."""
+    return {"norm_reference": f"{R}/rewards/train.parquet"} if config["cdf"]["normalize"] else {}

@@ -1,0 +1,684 @@
+"""Offline preference training on best/worst-of-n pairs: DPO, IPO, BoNBoN and BoN-SFT.
+
+One trainer serves the four methods of ``METHODS.md`` ("Preference losses"). Pairs come from the
+reference cache (:func:`bon_pairs`), which also carries the *reference* log-probabilities
+``log pi_ref(y|x)`` of every response (summed over the response tokens, EOS included, given
+``encode_prompt(prompt)``, at temperature 1), so no reference model is held in memory: the
+policy log-ratio is ``h(y) = log pi_theta(y|x) - ref_logprob(y)``.
+
+Policy log-probabilities are computed on exactly the cached token ids (never re-tokenised text),
+with the same convention as :func:`pipeline_lib.generation.sequence_logprobs`: right-padded
+``encode_prompt(prompt) + response_ids`` so positions are ``0..L-1``. Chosen and rejected
+sequences go through the policy in one forward pass per step (chosen rows first).
+
+Losses (per example, then the batch mean):
+
+* ``dpo``     -- :func:`~pipeline_lib.losses.dpo_loss` with ``beta`` and ``label_smoothing``;
+* ``ipo``     -- :func:`~pipeline_lib.losses.ipo_loss` with ``beta`` (target margin 1/(2 beta));
+* ``bonbon``  -- :func:`~pipeline_lib.losses.bonbon_loss` with ``n``, ``alpha`` and
+  ``bonbon_variant`` (``"ipo"``: the paper; ``"dpo_sigmoid"``: the public trainer as shipped),
+  beta* = ``bonbon_beta(n)`` unless ``beta_override`` is set; the SFT term is the summed NLL of
+  the best response, ``-log pi_theta(y_best|x)``;
+* ``bon_sft`` -- :func:`~pipeline_lib.losses.sft_loss` on the best response only: the batch mean
+  of the per-example *summed* (not length-averaged) NLL. The rejected response still goes
+  through the same forward pass (without contributing to the loss) so that the logged margin
+  and accuracy are comparable across methods.
+
+Dropout is disabled by default (``disable_dropout``: the policy runs in ``eval()`` mode while
+its parameters are trained), as in common DPO trainers, so that ``h = 0`` exactly at step 0
+when the policy is the reference and the log-ratios are not dropout noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pipeline_lib.losses import bonbon_beta, bonbon_loss, dpo_loss, ipo_loss, sft_loss
+from pipeline_lib.modeling import encode_prompt
+from pipeline_lib.training import _accelerator, _pad, _scheduler
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "PAIR_COLUMNS",
+    "PREFERENCE_METHODS",
+    "PreferenceConfig",
+    "bon_pairs",
+    "effective_beta",
+    "policy_logprobs",
+    "preference_loss",
+    "train_preference",
+]
+
+PREFERENCE_METHODS = ("dpo", "ipo", "bonbon", "bon_sft")
+_BONBON_VARIANTS = ("ipo", "dpo_sigmoid")
+
+PAIR_COLUMNS = (
+    "prompt_id",
+    "n",
+    "prompt",
+    "best_idx",
+    "worst_idx",
+    "best_response",
+    "worst_response",
+    "best_token_ids",
+    "worst_token_ids",
+    "best_proxy",
+    "worst_proxy",
+    "best_ref_logprob",
+    "worst_ref_logprob",
+)
+
+_SAMPLE_COLUMNS = ("prompt_id", "sample_idx", "prompt", "response", "response_token_ids",
+                   "ref_logprob")
+_PROXY_COLUMNS = ("prompt_id", "sample_idx", "proxy")
+
+
+# --------------------------------------------------------------------------------------------
+# Pairs from the reference cache
+# --------------------------------------------------------------------------------------------
+
+
+def _require_columns(df: pl.DataFrame, cols: Sequence[str], what: str) -> None:
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise ValueError(f"{what} frame lacks column(s) {missing}; has {df.columns}")
+
+
+def _first_duplicate(df: pl.DataFrame, keys: list[str]) -> dict | None:
+    dup = df.group_by(keys).len().filter(pl.col("len") > 1)
+    return dup.row(0, named=True) if dup.height else None
+
+
+def bon_pairs(
+    samples: pl.DataFrame,
+    proxy: pl.DataFrame,
+    n: int,
+    *,
+    return_dropped: bool = False,
+) -> pl.DataFrame | tuple[pl.DataFrame, list[str]]:
+    """(best-of-n, worst-of-n) pairs per prompt from the first ``n`` cached samples.
+
+    For every prompt the first ``n`` samples *by sample_idx* are used (BoNBoN's sampler takes the
+    first k of one shared pool for every n, so the pair sets are nested across n). Among them:
+
+    * best  = the highest proxy reward; ties go to the *smallest* sample_idx;
+    * worst = the lowest proxy reward; ties go to the *largest* sample_idx.
+
+    A prompt whose ``n`` proxies are all equal has no preference (best would equal worst); it is
+    dropped, with a warning on the module logger naming how many prompts were dropped.
+
+    Args:
+        samples: columns prompt_id, sample_idx, prompt, response, response_token_ids (list[int]),
+            ref_logprob (float; summed log pi_ref of the response incl. EOS).
+        proxy: columns prompt_id, sample_idx, proxy (float; the ensemble proxy reward).
+        n: BoN size, an integer >= 2.
+        return_dropped: also return the list of dropped (all-tied) prompt ids.
+
+    Returns:
+        One row per kept prompt, in order of first appearance in ``samples``, with the columns
+        :data:`PAIR_COLUMNS`; or ``(pairs, dropped_prompt_ids)`` when ``return_dropped``.
+
+    Raises:
+        ValueError: ``n`` < 2, missing columns, duplicate (prompt_id, sample_idx) rows, a prompt
+            with fewer than ``n`` samples, a sample without a proxy reward, or a non-finite proxy
+            or reference log-prob among the samples used (each message names the prompt).
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
+        raise ValueError(f"n must be an integer >= 2, got {n!r}")
+    n = int(n)
+    _require_columns(samples, _SAMPLE_COLUMNS, "samples")
+    _require_columns(proxy, _PROXY_COLUMNS, "proxy")
+    s = samples.select(_SAMPLE_COLUMNS)
+    p = proxy.select(_PROXY_COLUMNS).with_columns(pl.col("proxy").cast(pl.Float64))
+    key = ["prompt_id", "sample_idx"]
+    for frame, what in ((s, "samples"), (p, "proxy")):
+        dup = _first_duplicate(frame, key)
+        if dup is not None:
+            raise ValueError(
+                f"{what} has {dup['len']} rows for prompt {dup['prompt_id']!r}, "
+                f"sample_idx {dup['sample_idx']}"
+            )
+
+    order = (s.select("prompt_id").with_row_index("_row").group_by("prompt_id")
+             .agg(pl.col("_row").min().alias("_order")))
+    counts = s.group_by("prompt_id").len()
+    short = counts.filter(pl.col("len") < n).join(order, on="prompt_id").sort("_order")
+    if short.height:
+        row = short.row(0, named=True)
+        raise ValueError(
+            f"prompt {row['prompt_id']!r} has {row['len']} cached samples, fewer than n = {n}"
+            + (f" ({short.height} prompts are short)" if short.height > 1 else "")
+        )
+
+    first = (
+        s.sort(key)
+        .with_columns(pl.int_range(pl.len()).over("prompt_id").alias("_rank"))
+        .filter(pl.col("_rank") < n)
+        .drop("_rank")
+        .join(p, on=key, how="left")
+    )
+    missing = first.filter(pl.col("proxy").is_null())
+    if missing.height:
+        row = missing.row(0, named=True)
+        raise ValueError(
+            f"prompt {row['prompt_id']!r} sample_idx {row['sample_idx']} has no proxy reward"
+        )
+    for col in ("proxy", "ref_logprob"):
+        bad = first.filter(~pl.col(col).cast(pl.Float64).is_finite())
+        if bad.height:
+            row = bad.row(0, named=True)
+            raise ValueError(
+                f"prompt {row['prompt_id']!r} sample_idx {row['sample_idx']} has a non-finite "
+                f"{col} ({row[col]!r})"
+            )
+
+    def pick(prefix: str, proxy_desc: bool, idx_desc: bool) -> pl.DataFrame:
+        chosen = (
+            first.sort(["prompt_id", "proxy", "sample_idx"],
+                       descending=[False, proxy_desc, idx_desc])
+            .group_by("prompt_id", maintain_order=True)
+            .first()
+        )
+        return chosen.select(
+            "prompt_id",
+            *([pl.col("prompt")] if prefix == "best" else []),
+            pl.col("sample_idx").alias(f"{prefix}_idx"),
+            pl.col("response").alias(f"{prefix}_response"),
+            pl.col("response_token_ids").alias(f"{prefix}_token_ids"),
+            pl.col("proxy").alias(f"{prefix}_proxy"),
+            pl.col("ref_logprob").cast(pl.Float64).alias(f"{prefix}_ref_logprob"),
+        )
+
+    best = pick("best", proxy_desc=True, idx_desc=False)
+    worst = pick("worst", proxy_desc=False, idx_desc=True)
+    pairs = (
+        best.join(worst, on="prompt_id")
+        .join(order, on="prompt_id")
+        .sort("_order")
+        .drop("_order")
+        .with_columns(pl.lit(n, dtype=pl.Int32).alias("n"))
+    )
+    tied = pairs.filter(pl.col("best_proxy") == pl.col("worst_proxy"))
+    dropped = tied["prompt_id"].to_list()
+    if dropped:
+        log.warning(
+            "bon_pairs(n=%d): dropped %d of %d prompts whose first %d proxy rewards are all "
+            "equal (no preference), e.g. %s", n, len(dropped), pairs.height, n, dropped[:5],
+        )
+        pairs = pairs.filter(pl.col("best_proxy") != pl.col("worst_proxy"))
+    pairs = pairs.select(PAIR_COLUMNS)
+    return (pairs, dropped) if return_dropped else pairs
+
+
+# --------------------------------------------------------------------------------------------
+# Config and losses
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreferenceConfig:
+    """Settings of :func:`train_preference`.
+
+    ``beta`` is the DPO/IPO coefficient; BoNBoN uses beta* = ``bonbon_beta(n)`` unless
+    ``beta_override`` is set. ``n`` is the BoN size the pairs were built with (BoNBoN only; if
+    the pairs carry an ``n`` column it must agree). ``max_grad_norm`` clips the global gradient
+    norm (``None`` or 0 disables clipping).
+    """
+
+    method: str  # dpo | ipo | bonbon | bon_sft
+    beta: float = 0.1
+    n: int = 8
+    alpha: float = 0.005
+    label_smoothing: float = 0.0
+    bonbon_variant: str = "ipo"  # or "dpo_sigmoid" (the public BoNBoN trainer as shipped)
+    beta_override: float | None = None
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 16
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    disable_dropout: bool = True
+    checkpoint_every: int = 50
+    log_every: int = 1
+    mixed_precision: str = "no"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.method not in PREFERENCE_METHODS:
+            raise ValueError(f"method must be one of {PREFERENCE_METHODS}, got {self.method!r}")
+        if self.bonbon_variant not in _BONBON_VARIANTS:
+            raise ValueError(
+                f"bonbon_variant must be one of {_BONBON_VARIANTS}, got {self.bonbon_variant!r}"
+            )
+        if not (self.beta > 0 and math.isfinite(self.beta)):
+            raise ValueError(f"beta must be a finite number > 0, got {self.beta!r}")
+        if self.beta_override is not None and not (
+            self.beta_override > 0 and math.isfinite(self.beta_override)
+        ):
+            raise ValueError(f"beta_override must be > 0 or None, got {self.beta_override!r}")
+        if self.method == "bonbon":
+            bonbon_beta(self.n)  # validates n >= 2
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must lie in [0, 1], got {self.alpha!r}")
+        if not 0.0 <= self.label_smoothing <= 0.5:
+            raise ValueError(f"label_smoothing must lie in [0, 0.5], got {self.label_smoothing!r}")
+        for name in ("epochs", "batch_size", "checkpoint_every", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.max_steps is not None and int(self.max_steps) < 1:
+            raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps!r}")
+        if int(self.warmup_steps) < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
+
+
+# Settings that must not change when a run resumes from a checkpoint (the others -- epochs,
+# max_steps, checkpoint_every, log_every, device, mixed_precision -- may).
+_RESUME_INVARIANT = ("method", "beta", "n", "alpha", "label_smoothing", "bonbon_variant",
+                     "beta_override", "batch_size", "lr", "weight_decay", "warmup_steps",
+                     "max_grad_norm", "disable_dropout")
+
+
+def effective_beta(cfg: PreferenceConfig) -> float | None:
+    """The KL coefficient a run uses: beta (dpo/ipo), beta* or the override (bonbon), None
+    (bon_sft)."""
+    if cfg.method == "bon_sft":
+        return None
+    if cfg.method == "bonbon":
+        return cfg.beta_override if cfg.beta_override is not None else bonbon_beta(cfg.n)
+    return cfg.beta
+
+
+def preference_loss(
+    cfg: PreferenceConfig,
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+) -> torch.Tensor:
+    """Per-example loss (shape (B,)) of ``cfg.method`` from summed sequence log-probs."""
+    args = (policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+            reference_rejected_logps)
+    if cfg.method == "dpo":
+        return dpo_loss(*args, beta=cfg.beta, label_smoothing=cfg.label_smoothing)
+    if cfg.method == "ipo":
+        return ipo_loss(*args, beta=cfg.beta)
+    if cfg.method == "bonbon":
+        nll = -policy_chosen_logps
+        if cfg.beta_override is None:
+            return bonbon_loss(*args, n=cfg.n, alpha=cfg.alpha, chosen_nll=nll,
+                               variant=cfg.bonbon_variant)
+        # Same formula as bonbon_loss with beta* replaced by the override.
+        if cfg.bonbon_variant == "ipo":
+            pair = ipo_loss(*args, beta=cfg.beta_override)
+        else:
+            pair = dpo_loss(*args, beta=cfg.beta_override)
+        return cfg.alpha * nll + (1.0 - cfg.alpha) * pair
+    if cfg.method == "bon_sft":
+        return sft_loss(policy_chosen_logps)
+    raise ValueError(f"unknown method {cfg.method!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Policy log-probabilities
+# --------------------------------------------------------------------------------------------
+
+
+def _sequence_batch(
+    prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, attention mask and labels (-100 outside the response tokens)."""
+    full = [[*p, *r] for p, r in zip(prompt_ids, response_ids, strict=True)]
+    ids, attn = _pad(full, pad_id)
+    labels = torch.full_like(ids, -100)
+    for i, (p, f) in enumerate(zip(prompt_ids, full, strict=True)):
+        labels[i, len(p) : len(f)] = ids[i, len(p) : len(f)]
+    return ids, attn, labels
+
+
+def policy_logprobs(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    pad_id: int,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Σ_t log π(y_t | x, y_<t) over each response in one right-padded forward pass.
+
+    Differentiable (the caller decides about ``no_grad``); float32 of shape (B,). Same
+    convention as :func:`pipeline_lib.generation.sequence_logprobs`, which is its no-grad,
+    float64 twin used to fill the reference cache.
+    """
+    if any(len(p) < 1 for p in prompt_ids):
+        raise ValueError("every prompt needs at least one token (BOS) to condition on")
+    ids, attn, labels = _sequence_batch(prompt_ids, response_ids, pad_id)
+    ids, attn, labels = ids.to(device), attn.to(device), labels.to(device)
+    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:]
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
+        reduction="none",
+    ).view(target.shape)
+    return -nll.sum(-1)
+
+
+def _max_positions(model) -> int | None:
+    config = getattr(model, "config", None)
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+@dataclass
+class _EncodedPairs:
+    prompt_ids: list[list[int]]
+    chosen_ids: list[list[int]]
+    rejected_ids: list[list[int]]
+    ref_chosen: np.ndarray
+    ref_rejected: np.ndarray
+
+
+def _encode_pairs(pairs: pl.DataFrame, tokenizer, max_positions: int | None) -> _EncodedPairs:
+    need = ("prompt", "best_token_ids", "worst_token_ids", "best_ref_logprob",
+            "worst_ref_logprob")
+    _require_columns(pairs, need, "pairs")
+    if pairs.height == 0:
+        raise ValueError("pairs is empty: nothing to train on")
+    ids_of = (pairs["prompt_id"].to_list() if "prompt_id" in pairs.columns
+              else [str(i) for i in range(pairs.height)])
+    prompts = pairs["prompt"].to_list()
+    cache: dict[str, list[int]] = {}
+    prompt_ids = []
+    for text in prompts:
+        if text not in cache:
+            cache[text] = encode_prompt(tokenizer, text)
+        prompt_ids.append(cache[text])
+    chosen = [list(map(int, r)) for r in pairs["best_token_ids"].to_list()]
+    rejected = [list(map(int, r)) for r in pairs["worst_token_ids"].to_list()]
+    ref_c = np.array(pairs["best_ref_logprob"].cast(pl.Float64).to_numpy(), dtype=np.float64)
+    ref_r = np.array(pairs["worst_ref_logprob"].cast(pl.Float64).to_numpy(), dtype=np.float64)
+    for i, pid in enumerate(ids_of):
+        for what, resp in (("best", chosen[i]), ("worst", rejected[i])):
+            if not resp:
+                raise ValueError(f"pair for prompt {pid!r} has an empty {what} response")
+            if max_positions is not None and len(prompt_ids[i]) + len(resp) > max_positions:
+                raise ValueError(
+                    f"pair for prompt {pid!r}: prompt + {what} response is "
+                    f"{len(prompt_ids[i]) + len(resp)} tokens, longer than the policy's "
+                    f"{max_positions} positions (log-probs would not match the cache)"
+                )
+        if not (np.isfinite(ref_c[i]) and np.isfinite(ref_r[i])):
+            raise ValueError(f"pair for prompt {pid!r} has a non-finite reference log-prob")
+    return _EncodedPairs(prompt_ids, chosen, rejected, ref_c, ref_r)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+_LAST, _TMP, _OLD = "last", ".last.tmp", ".last.old"
+
+
+def _save_checkpoint(
+    directory: Path, model, tokenizer, optimizer, scheduler, scaler, state: dict,
+    rows: list[dict],
+) -> None:
+    """Write checkpoint_dir/last atomically: build .last.tmp, then swap it in by renames.
+
+    A directory cannot be ``os.replace``d onto a non-empty one, so the old ``last`` is first
+    renamed to ``.last.old``; a crash between the two renames leaves ``.last.old``, which
+    :func:`_find_checkpoint` falls back to.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp, last, old = directory / _TMP, directory / _LAST, directory / _OLD
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / "rng.pt")
+    if scaler is not None:
+        torch.save(scaler.state_dict(), tmp / "scaler.pt")
+    (tmp / "log_rows.json").write_text(json.dumps(rows))
+    # state.json last: its presence marks a complete checkpoint.
+    (tmp / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
+    if last.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(last, old)
+    os.replace(tmp, last)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _find_checkpoint(directory: Path) -> Path | None:
+    for name in (_LAST, _OLD):
+        path = directory / name
+        if (path / "state.json").exists():
+            return path
+    return None
+
+
+def _load_weights(model, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"checkpoint {path} has no *.safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(f))
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"checkpoint {path} has unexpected weights {result.unexpected_keys[:5]}")
+    # Keys left out by save_pretrained must be tied to (share storage with) a loaded weight.
+    current = model.state_dict()
+    loaded_ptrs = {current[k].data_ptr() for k in state if k in current}
+    untied = [k for k in result.missing_keys if current[k].data_ptr() not in loaded_ptrs]
+    if untied:
+        raise ValueError(f"checkpoint {path} lacks weights {untied[:5]}")
+
+
+def _load_torch(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Trainer
+# --------------------------------------------------------------------------------------------
+
+
+def train_preference(
+    policy,
+    tokenizer,
+    pairs: pl.DataFrame,
+    cfg: PreferenceConfig,
+    seed: int,
+    checkpoint_dir: str | os.PathLike | None = None,
+    on_log: Callable[[dict], None] | None = None,
+) -> tuple[list[dict], Any]:
+    """Train ``policy`` offline on preference pairs with ``cfg.method``.
+
+    Args:
+        policy: a causal LM whose current weights are the reference the cached
+            ``*_ref_logprob`` columns were computed with (or a checkpoint of a run on them).
+        tokenizer: its tokenizer (prompts are encoded with ``encode_prompt``).
+        pairs: a :func:`bon_pairs` frame (needs prompt, best/worst_token_ids and
+            best/worst_ref_logprob; prompt_id and n are used when present).
+        cfg: the :class:`PreferenceConfig`.
+        seed: fixes the data order (epoch e is ``default_rng([seed, e]).permutation``) and the
+            torch RNG (dropout, when enabled).
+        checkpoint_dir: if given, ``checkpoint_dir/last`` is written every
+            ``cfg.checkpoint_every`` steps and at the end, and a run resumes from it (continuing
+            at step k + 1 with the saved weights, optimizer, scheduler and RNG states and log
+            rows). A resumed run must keep the loss/optimiser settings; ``max_steps`` / ``epochs``
+            may grow (the linear LR schedule is then re-based on the new total).
+        on_log: called with each new log row.
+
+    Returns:
+        (all log rows including those restored from a checkpoint, the trained model unwrapped
+        from accelerate).
+
+    Each row (every ``log_every`` steps and the last) describes the batch of that step *before*
+    its update: step, split ("train"), epoch (fractional), loss, lr (after the step), tokens
+    (non-pad tokens forwarded so far), pairs (pairs seen so far), reward_margin = mean(h_w - h_l)
+    (the unscaled implicit-reward margin; multiply by beta for DPO's implicit reward),
+    accuracy = mean(h_w > h_l), chosen_logp / rejected_logp (mean summed policy log-probs),
+    kl_best_k1 = mean(log pi(y_best) - log pi_ref(y_best)) -- the log-ratio on the *chosen cached
+    reference samples*, NOT an estimate of KL(pi || pi_ref) (that needs samples from pi; it can be
+    negative), grad_norm (before clipping) and elapsed_s (including time before a resume).
+    """
+    if cfg.method == "bonbon" and "n" in pairs.columns:
+        ns = set(pairs["n"].unique().to_list())
+        if ns != {cfg.n}:
+            raise ValueError(f"pairs were built with n = {sorted(ns)} but cfg.n = {cfg.n}")
+    data = _encode_pairs(pairs, tokenizer, _max_positions(policy))
+    n_pairs = len(data.prompt_ids)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
+        tokenizer.eos_token_id
+    bs = int(cfg.batch_size)
+    steps_per_epoch = math.ceil(n_pairs / bs)
+    total = steps_per_epoch * int(cfg.epochs)
+    if cfg.max_steps:
+        total = min(total, int(cfg.max_steps))
+
+    cfg_dict = dataclasses.asdict(cfg)
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    resume = _find_checkpoint(ckpt_dir) if ckpt_dir is not None else None
+    state: dict[str, Any] = {}
+    rows: list[dict] = []
+    if resume is not None:
+        state = json.loads((resume / "state.json").read_text())
+        changed = {k: (state["config"].get(k), cfg_dict[k]) for k in _RESUME_INVARIANT
+                   if state["config"].get(k) != cfg_dict[k]}
+        if state.get("seed") != seed:
+            changed["seed"] = (state.get("seed"), seed)
+        if state.get("n_pairs") != n_pairs:
+            changed["n_pairs"] = (state.get("n_pairs"), n_pairs)
+        if changed:
+            raise ValueError(
+                f"cannot resume from {resume}: settings differ (checkpoint, now): {changed}; "
+                "use a fresh checkpoint_dir"
+            )
+        _load_weights(policy, resume)
+        rows = json.loads((resume / "log_rows.json").read_text())
+        log.info("resuming %s from %s at step %d", cfg.method, resume, state["step"] + 1)
+    else:
+        torch.manual_seed(seed)
+
+    acc = _accelerator({"device": cfg.device, "mixed_precision": cfg.mixed_precision})
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=float(cfg.lr),
+                                  weight_decay=float(cfg.weight_decay))
+    scheduler = _scheduler(optimizer, int(cfg.warmup_steps), total)
+    model, optimizer, scheduler = acc.prepare(policy, optimizer, scheduler)
+    step, tokens, pairs_seen, elapsed0 = 0, 0, 0, 0.0
+    if resume is not None:
+        optimizer.load_state_dict(_load_torch(resume / "optimizer.pt"))
+        scheduler.load_state_dict(_load_torch(resume / "scheduler.pt"))
+        rng = _load_torch(resume / "rng.pt")
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        if acc.scaler is not None and (resume / "scaler.pt").exists():
+            acc.scaler.load_state_dict(_load_torch(resume / "scaler.pt"))
+        step, tokens, pairs_seen = int(state["step"]), int(state["tokens"]), int(state["pairs"])
+        elapsed0 = float(state["elapsed_s"])
+    if cfg.disable_dropout:
+        model.eval()
+    else:
+        model.train()
+
+    unwrapped = acc.unwrap_model(model)
+    t0 = time.perf_counter() - elapsed0
+    beta_used = effective_beta(cfg)
+
+    def checkpoint() -> None:
+        if ckpt_dir is None:
+            return
+        _save_checkpoint(
+            ckpt_dir, unwrapped, tokenizer, optimizer, scheduler, acc.scaler,
+            dict(step=step, tokens=tokens, pairs=pairs_seen, elapsed_s=time.perf_counter() - t0,
+                 total=total, seed=seed, n_pairs=n_pairs, config=cfg_dict, beta=beta_used),
+            rows,
+        )
+
+    if step >= total:
+        log.info("checkpoint is at step %d >= %d steps: nothing to train", step, total)
+        return rows, unwrapped
+
+    bar = tqdm(total=total, initial=step, desc=f"{cfg.method} seed {seed}", unit="step",
+               mininterval=5.0)
+    ref_c = torch.as_tensor(data.ref_chosen, dtype=torch.float64)
+    ref_r = torch.as_tensor(data.ref_rejected, dtype=torch.float64)
+    while step < total:
+        epoch, pos = divmod(step, steps_per_epoch)
+        order = np.random.default_rng([int(seed), epoch]).permutation(n_pairs)
+        idx = order[pos * bs : (pos + 1) * bs]
+        b = len(idx)
+        prompts = [data.prompt_ids[i] for i in idx]
+        responses = [data.chosen_ids[i] for i in idx] + [data.rejected_ids[i] for i in idx]
+        logps = policy_logprobs(model, prompts + prompts, responses, pad_id, acc.device)
+        logps = logps.double()
+        pc, pr = logps[:b], logps[b:]
+        rc, rr = ref_c[idx].to(logps.device), ref_r[idx].to(logps.device)
+        loss = preference_loss(cfg, pc, pr, rc, rr).mean()
+        acc.backward(loss)
+        grad_norm = None
+        if cfg.max_grad_norm:
+            grad_norm = acc.clip_grad_norm_(model.parameters(), float(cfg.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        step += 1
+        tokens += sum(len(p) for p in prompts) * 2 + sum(len(r) for r in responses)
+        pairs_seen += b
+        bar.update(1)
+        if step % int(cfg.log_every) == 0 or step == total:
+            with torch.no_grad():
+                hw, hl = (pc - rc).detach(), (pr - rr).detach()
+                row = dict(
+                    step=step, split="train", epoch=step / steps_per_epoch, loss=float(loss),
+                    lr=scheduler.get_last_lr()[0], tokens=tokens, pairs=pairs_seen,
+                    reward_margin=float((hw - hl).mean()),
+                    accuracy=float((hw > hl).double().mean()),
+                    chosen_logp=float(pc.detach().mean()),
+                    rejected_logp=float(pr.detach().mean()),
+                    kl_best_k1=float(hw.mean()),
+                    grad_norm=None if grad_norm is None else float(grad_norm),
+                    elapsed_s=time.perf_counter() - t0,
+                )
+            rows.append(row)
+            if on_log:
+                on_log(row)
+        if step % int(cfg.checkpoint_every) == 0 and step < total:
+            checkpoint()
+    bar.close()
+    checkpoint()
+    return rows, unwrapped

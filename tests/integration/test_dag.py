@@ -1,0 +1,195 @@
+"""The real Snakemake DAG on the tiny config: tables, no-op rerun, single targets, determinism.
+
+Runs `snakemake` as users do (a subprocess), in temporary working directories.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline_lib.cdf import empirical_cdf
+from pipeline_lib.schemas import SCHEMAS, read_polars, read_provenance
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "tests" / "data" / "tiny.yaml"
+pytestmark = pytest.mark.integration
+
+TABLES = {
+    "data/prompts-train.parquet": "prompts",
+    "data/prompts-test.parquet": "prompts",
+    "data/prompts-pref.parquet": "prompts",
+    "data/preferences.parquet": "preferences",
+    "samples/train.parquet": "samples",
+    "samples/test.parquet": "samples",
+    "rewards/train.parquet": "rewards",
+    "rewards/test.parquet": "rewards",
+    "cdf/train.parquet": "cdf",
+    "cdf/test.parquet": "cdf",
+    "logs/sft.parquet": "train_log",
+    "logs/rm-seed1.parquet": "train_log",
+}
+
+
+def snakemake(workdir: Path, *args: str, configfile: Path = TINY, check: bool = True):
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
+           "--directory", str(workdir), "--configfile", str(configfile), "--cores", "2", *args]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("dag")
+    snakemake(workdir)
+    return workdir / "results" / "tiny"
+
+
+def cfg() -> dict:
+    return yaml.safe_load(TINY.read_text())
+
+
+def test_every_table_matches_its_schema(run):
+    for rel, schema in TABLES.items():
+        frame = read_polars(run / rel, schema)
+        assert frame.height > 0, rel
+        assert read_provenance(run / rel)["config_hash"], rel
+    for d in ("models/sft", "models/rm-seed1", "models/rm-seed2"):
+        assert (run / d / "model.safetensors").exists()
+        assert (run / d / "config.json").exists()
+
+
+def test_prompt_splits_are_disjoint_by_group(run):
+    train = read_polars(run / "data/prompts-train.parquet", "prompts")
+    test = read_polars(run / "data/prompts-test.parquet", "prompts")
+    pref = read_polars(run / "data/prompts-pref.parquet", "prompts")
+    c = cfg()["prompts"]
+    assert (train.height, test.height, pref.height) == (c["n_train"], c["n_test"], c["n_pref"])
+    assert set(train["group"]).isdisjoint(set(test["group"]))
+    assert set(pref["text_id"]).isdisjoint(set(train["text_id"]))
+    assert train["n_words"].min() >= 2 and train["n_words"].max() <= 8
+
+
+def test_reward_cache_is_long_format_one_row_per_prompt_sample_scorer(run):
+    samples = read_polars(run / "samples/train.parquet", "samples")
+    rewards = read_polars(run / "rewards/train.parquet", "rewards")
+    m, n_prompts = cfg()["sampling"]["M"]["train"], cfg()["prompts"]["n_train"]
+    assert samples.height == m * n_prompts
+    assert sorted(samples["sample_idx"].unique()) == list(range(m))
+    assert (samples["ref_logprob"] < 0).all()
+    assert sorted(rewards["scorer"].unique()) == ["gold", "rm-seed1", "rm-seed2"]
+    assert rewards.height == samples.height * 3
+    assert not rewards.select("prompt_id", "sample_idx", "scorer").is_duplicated().any()
+    # the gold reward is VADER's compound score of prompt + response
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    vader = SentimentIntensityAnalyzer()
+    row = samples.row(5, named=True)
+    gold = rewards.filter((pl.col("scorer") == "gold") & (pl.col("prompt_id") == row["prompt_id"])
+                          & (pl.col("sample_idx") == row["sample_idx"]))["reward"][0]
+    assert gold == pytest.approx(vader.polarity_scores(row["prompt"] + row["response"])["compound"])
+
+
+def test_cdf_is_the_sorted_normalised_uwo_ensemble(run):
+    """Recompute the tiny config's objective (UWO, lambda 0.5, z-normalised by the train
+    cache) independently from the reward cache and compare."""
+    train = read_polars(run / "rewards/train.parquet", "rewards").filter(pl.col("kind") == "proxy")
+    stats = train.group_by("scorer").agg(pl.col("reward").mean().alias("mu"),
+                                         pl.col("reward").std(ddof=0).alias("sd"))
+    for split in ("train", "test"):
+        rewards = read_polars(run / f"rewards/{split}.parquet", "rewards").filter(
+            pl.col("kind") == "proxy")
+        z = rewards.join(stats, on="scorer").with_columns(
+            ((pl.col("reward") - pl.col("mu")) / pl.col("sd")).alias("z"))
+        uwo = z.group_by("prompt_id", "sample_idx").agg(
+            (pl.col("z").mean() - 0.5 * pl.col("z").var(ddof=0)).alias("u"))
+        cdf = read_polars(run / f"cdf/{split}.parquet", "cdf")
+        assert cdf.height == cfg()["prompts"][f"n_{split}"]
+        for row in cdf.iter_rows(named=True):
+            expected = np.sort(uwo.filter(pl.col("prompt_id") == row["prompt_id"])["u"].to_numpy())
+            np.testing.assert_allclose(row["sorted_rewards"], expected, atol=1e-9)
+            assert row["objective"] == "uwo" and row["n_samples"] == 8
+            if row["fit_ok"]:  # curvefit: true in the tiny config
+                assert row["fit_rmse"] >= 0
+        s = np.array(cdf["sorted_rewards"][0])
+        assert np.all(np.diff(s) >= 0)
+        assert empirical_cdf(s, s[-1:])[0] <= 1.0
+
+
+def test_logs_have_progress_and_losses(run):
+    log = (run / "logs/sft.log").read_text()
+    assert "sft:" in log and "job sft finished" in log  # tqdm bar and the job summary
+    assert "sample train" in (run / "logs/sample-train-0.log").read_text()
+    rm = read_polars(run / "logs/rm-seed1.parquet", "train_log")
+    assert set(rm["split"]) == {"train", "val"}
+    sft = read_polars(run / "logs/sft.parquet", "train_log").filter(pl.col("split") == "train")
+    assert sft["loss"][-1] < sft["loss"][0]  # training moved the loss
+
+
+def test_noop_rerun_and_single_target(run):
+    workdir = run.parent.parent
+    dry = snakemake(workdir, "-n")
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+    target = run / "cdf/train.parquet"
+    before = pq.read_table(target)
+    target.unlink()
+    proc = snakemake(workdir, str(target.relative_to(workdir)))
+    out = proc.stdout + proc.stderr
+    assert "rule cdf:" in out or "localrule cdf:" in out
+    for other in ("sft", "sample", "score", "reward_model"):
+        assert f"rule {other}:" not in out
+    assert pq.read_table(target).equals(before)
+
+
+def test_same_config_and_seed_give_identical_tables(run, tmp_path):
+    """A second run (with a different shard count, which must not matter) reproduces every
+    table exactly."""
+    config = cfg()
+    config["sampling"]["shards"] = 1
+    configfile = tmp_path / "tiny-1shard.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    workdir = tmp_path / "again"
+    workdir.mkdir()
+    snakemake(workdir, configfile=configfile)
+    for rel in TABLES:
+        a = pq.read_table(run / rel).replace_schema_metadata(None)
+        b = pq.read_table(workdir / "results/tiny" / rel).replace_schema_metadata(None)
+        if rel.startswith("logs/"):  # wall-clock column differs; everything else must not
+            a, b = a.drop(["elapsed_s"]), b.drop(["elapsed_s"])
+        assert a.equals(b), f"{rel} differs between two runs of the same config and seed"
+    shutil.rmtree(workdir)
+
+
+@pytest.mark.parametrize(
+    "section, values, message",
+    [
+        ("cdf", {"objective": "median"}, "median"),
+        ("sampling", {"M": {"train": 1, "test": 8}}, "minimum"),
+        ("prompts", {"min_words": 5, "max_words": 3}, "prompts.max_words"),
+    ],
+)
+def test_bad_config_fails_at_validation(tmp_path, section, values, message):
+    config = cfg()
+    config[section].update(values)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    proc = snakemake(tmp_path, "-n", configfile=bad, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_schema_names_cover_tables():
+    assert set(TABLES.values()) <= set(SCHEMAS)

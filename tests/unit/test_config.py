@@ -1,0 +1,62 @@
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline_lib.config import ConfigError, config_hash, load_config, validate_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def default():
+    return yaml.safe_load((ROOT / "config/config.yaml").read_text())
+
+
+def test_default_config_validates_and_fills_defaults():
+    cfg = validate_config(default())
+    assert cfg["sft"]["warmup_steps"] == 20  # filled from the schema default
+    assert cfg["reward_models"]["val_fraction"] == 0.1
+    assert cfg["cdf"]["objective"] == "mean"
+
+
+def test_minimal_config_gets_every_section():
+    cfg = validate_config({"task": "t", "seed": 1})
+    assert cfg["sampling"]["M"] == {"train": 32, "test": 64}
+    assert cfg["gold"]["type"] == "vader"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"cdf": {"objective": "median"}}, "median"),
+        ({"sampling": {"M": {"train": 1}}}, "minimum"),
+        ({"prompts": {"max_words": 1, "min_words": 3}}, "prompts.max_words"),
+        ({"policy": {"base": "/nonexistent/model"}}, "policy.base"),
+        ({"gold": {"type": "hf", "path": None}}, "gold.path"),
+        ({"corpus": {"path": "/nonexistent.csv"}}, "corpus.path"),
+        ({"unknown_key": 1}, "unknown_key"),
+        ({"policy": {"n_embd": 130, "n_head": 4}}, "policy.n_embd"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    cfg = default()
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            cfg[k].update(v)
+        else:
+            cfg[k] = v
+    with pytest.raises(Exception, match=message):
+        validate_config(cfg)
+
+
+def test_load_config_with_overrides_and_hash(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(default()))
+    a = load_config(path)
+    b = load_config(path, {"cdf": {"objective": "wco"}})
+    assert b["cdf"]["objective"] == "wco" and b["cdf"]["uwo_lambda"] == 0.5
+    assert config_hash(a) == config_hash(copy.deepcopy(a))
+    assert config_hash(a) != config_hash(b)
+    with pytest.raises(ConfigError):
+        load_config(path, {"prompts": {"max_words": 1}})
