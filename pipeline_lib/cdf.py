@@ -83,7 +83,9 @@ def group_sorted_matrix(
             f"every prompt must have exactly M={m} rewards; group {bad} has "
             f"{int(counts[bad]) if bad < counts.size else 'an out-of-range code'}"
         )
-    order = np.argsort(codes, kind="stable")
+    # the smallest unsigned dtype lets numpy's stable sort use radix sort (O(N)) for <= 16 bits
+    small = codes.astype(np.min_scalar_type(max(n_groups - 1, 0)), copy=False)
+    order = np.argsort(small, kind="stable")
     return np.sort(rewards[order].reshape(n_groups, m), axis=1)
 
 

@@ -63,7 +63,19 @@ generator state, prompt/SFT cycling positions, config, seed and the log rows so 
 directory that holds a checkpoint continues from its step (``cfg.steps`` is the *total* number of
 steps), so a killed job resumes; on CPU the resumed run reproduces the uninterrupted one exactly.
 
-Nothing assumes a GPU: ``accelerate`` places the model and applies mixed precision.
+**Log rows** (one per ``log_every`` steps, and the last): ``step``, ``loss`` (total, mean over
+the step's updates), ``policy_loss``, ``value_loss``, ``reward`` and ``score`` (both the mean of
+the ``reward_fn`` output, before ``reward_clip``), ``kl_k1`` (mean over the rollout of the
+per-sequence sum_t (log pi - log pi_ref)), ``kl_k3`` (mean per-token k3), ``entropy`` (mean
+per-token entropy of the sampling policy), ``kl_coef`` (the beta used for this rollout),
+``lr``, ``clipfrac``, ``value_clipfrac``, ``approx_kl``, ``grad_norm`` (before clipping),
+``sft_nll`` (mean summed NLL of the SFT minibatches; None without the BOND term),
+``response_length`` (mean tokens, EOS included), ``prompts_seen`` and ``elapsed_s``. KL and
+entropy use the tempered log-probs (identical to the model's at ``temperature = 1``).
+
+Nothing assumes a GPU: ``accelerate`` places the model and applies mixed precision. One process
+(one device) is assumed; ``accelerate``'s state is process-global, so one process cannot switch
+``mixed_precision`` between calls (as for the other training loops).
 """
 
 from __future__ import annotations
@@ -138,6 +150,7 @@ class PPOConfig:
     minibatch_size: int
     ppo_epochs: int = 4
     lr: float = 1e-4
+    weight_decay: float = 0.0  # AdamW
     kl_coef: float = 0.05  # beta (initial value when adaptive)
     adaptive_kl: bool = False
     kl_target: float = 6.0
@@ -174,6 +187,7 @@ class PPOConfig:
         )
         need(int(self.ppo_epochs) >= 1, "ppo_epochs must be >= 1")
         need(self.lr > 0 and math.isfinite(self.lr), f"lr must be > 0, got {self.lr!r}")
+        need(self.weight_decay >= 0, "weight_decay must be >= 0")
         need(self.kl_coef >= 0 and math.isfinite(self.kl_coef), "kl_coef must be >= 0")
         if self.adaptive_kl:
             need(self.kl_coef > 0, "adaptive_kl needs kl_coef > 0")
@@ -403,6 +417,11 @@ class _Cycler:
 
     def __init__(self, n: int, state: Mapping[str, Any] | None = None) -> None:
         self.n = n
+        if state and (len(state["order"]) not in (0, n)):
+            raise ValueError(
+                f"checkpoint cycles through {len(state['order'])} items but {n} were given; "
+                "resume with the same prompts / sft_examples"
+            )
         self.order: list[int] = list(state["order"]) if state else []
         self.pos: int = int(state["pos"]) if state else 0
         self.passes: int = int(state.get("passes", 0)) if state else 0
@@ -581,8 +600,14 @@ def _sequence_nll(model: PolicyWithValueHead, batch: _Batch) -> torch.Tensor:
 
 @torch.no_grad()
 def sft_nll(policy, examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
-            device="cpu", batch_size: int = 64) -> np.ndarray:
-    """Summed NLL of each (prompt ids, response ids) example under ``policy`` (float64)."""
+            device=None, batch_size: int = 64) -> np.ndarray:
+    """Summed NLL (temperature 1) of each (prompt ids, response ids) example under ``policy``.
+
+    Sequences are right-padded (positions 0..L-1); ``device`` defaults to the policy's.
+    Returns a float64 array; puts ``policy`` in eval mode.
+    """
+    if device is None:
+        device = next(policy.parameters()).device
     policy.eval()
     out = []
     for s in range(0, len(examples), batch_size):
@@ -684,7 +709,7 @@ def train_ppo(
         p.requires_grad_(True)
     model.eval()  # no dropout: the PPO ratio must be 1 at the first update (see module doc)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=float(cfg.lr))
+    optimizer = torch.optim.AdamW(params, lr=float(cfg.lr), weight_decay=float(cfg.weight_decay))
     model, optimizer = acc.prepare(model, optimizer)
     model.eval()
     if resume_from is not None:

@@ -345,6 +345,14 @@ def test_checkpoint_contents(tok, tmp_path) -> None:
     reloaded = load_checkpoint_policy(tmp_path)
     assert_same_weights(state(reloaded), state(policy))
 
+    (tmp_path / ".last.tmp-dead").mkdir()  # a save killed half-way is ignored and cleared
+    rows2, _ = train_ppo(make_model(tok), tok, PROMPTS, target_reward(tok),
+                         cfg(steps=2), seed=0, checkpoint_dir=tmp_path)
+    assert rows2 == rows and not (tmp_path / ".last.tmp-dead").exists()
+    with pytest.raises(ValueError, match="same prompts"):
+        train_ppo(make_model(tok), tok, PROMPTS[:5], target_reward(tok), cfg(steps=3), seed=0,
+                  checkpoint_dir=tmp_path)
+
 
 # ------------------------------------------------------------------------------ BOND mix
 
