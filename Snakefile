@@ -1,4 +1,5 @@
 # Best-of-N alignment pipeline. See README.md; stages in workflow/rules/*.smk.
+# report: the summary figures and tables are flagged with report(); `snakemake --report report.html`.
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -23,6 +24,8 @@ include: "workflow/rules/sft.smk"
 include: "workflow/rules/reward_models.smk"
 include: "workflow/rules/sampling.smk"
 include: "workflow/rules/cdf.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 rule all:
@@ -30,3 +33,5 @@ rule all:
     input:
         expand(f"{R}/cdf/{{split}}.parquet", split=SPLITS),
         expand(f"{R}/logs/rm-seed{{seed}}.parquet", seed=RM_SEEDS),
+        expand(f"{R}/logs/train-{{policy}}.parquet", policy=RUNS),
+        f"{R}/summary.parquet",

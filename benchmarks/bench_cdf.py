@@ -92,7 +92,8 @@ def main() -> None:
           f"{os.cpu_count()} CPUs; numpy {np.__version__}")
     print(f"{'implementation':<40}{'time [s]':>10}{'ratio':>10}")
     print("-" * 60)
-    print(f"{'vectorised (best of %d)' % args.repeats:<40}{t_fast:>10.3f}{1.0:>9.1f}x")
+    label = f"vectorised (best of {args.repeats})"
+    print(f"{label:<40}{t_fast:>10.3f}{1.0:>9.1f}x")
     print(f"{'straightforward per-prompt loop':<40}{t_slow:>10.3f}{t_slow / t_fast:>9.1f}x")
     print(f"{'per-prompt loop with numpy inside':<40}{t_np:>10.3f}{t_np / t_fast:>9.1f}x")
     print(f"speed-up: {t_slow / t_fast:.1f}x   max |difference|: {diff:.1e}   "

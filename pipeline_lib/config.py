@@ -48,6 +48,9 @@ def check_config(config: Mapping[str, Any]) -> None:
             f"config key sampling.shards ({config['sampling']['shards']}) exceeds "
             f"prompts.n_train ({config['prompts']['n_train']})"
         )
+    from pipeline_lib.methods import method_runs  # validates every method run
+
+    method_runs(config)
     pol = config["policy"]
     if base == "scratch" and pol["n_embd"] % pol["n_head"]:
         raise ConfigError(

@@ -110,12 +110,15 @@ def sequence_logprobs(
     pad_id: int,
     device: torch.device | str = "cpu",
     batch_size: int = 256,
-) -> np.ndarray:
+    per_token: bool = False,
+):
     """Σ_t log π(y_t | x, y_<t) over each response, at temperature 1 (float64 array).
 
-    Sequences are right-padded so that positions are 0..L-1 as in training.
+    Sequences are right-padded so that positions are 0..L-1 as in training. With
+    ``per_token=True`` returns a list of per-token log-prob arrays instead.
     """
     out = np.empty(len(prompt_ids), dtype=np.float64)
+    tokens: list[np.ndarray] = []
     model.eval()
     for start in range(0, len(prompt_ids), batch_size):
         ps = prompt_ids[start : start + batch_size]
@@ -135,7 +138,11 @@ def sequence_logprobs(
         tok_logp = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         mask = resp_mask[:, 1:].to(tok_logp.device)
         out[start : start + len(full)] = (tok_logp * mask).sum(-1).double().cpu().numpy()
-    return out
+        if per_token:
+            lp = tok_logp.double().cpu().numpy()
+            for i, (p, f) in enumerate(zip(ps, full, strict=True)):
+                tokens.append(lp[i, len(p) - 1 : len(f) - 1])
+    return tokens if per_token else out
 
 
 def sample_groups(

@@ -115,6 +115,105 @@ SCHEMAS: dict[str, pa.Schema] = {
             _f("elapsed_s", pa.float64()),
         ]
     ),
+    "pairs": pa.schema(
+        [
+            _f("prompt_id", pa.string()),
+            _f("n", pa.int32(), doc="BoN size: best and worst of the first n cached samples"),
+            _f("prompt", pa.string()),
+            _f("best_idx", pa.int32(), doc="sample_idx of the proxy-best of n"),
+            _f("worst_idx", pa.int32(), doc="sample_idx of the proxy-worst of n"),
+            _f("best_response", pa.string()),
+            _f("worst_response", pa.string()),
+            _f("best_token_ids", pa.list_(pa.int32())),
+            _f("worst_token_ids", pa.list_(pa.int32())),
+            _f("best_proxy", pa.float64(), doc="ensemble proxy reward of the best response"),
+            _f("worst_proxy", pa.float64()),
+            _f("best_ref_logprob", pa.float64(), doc="log pi_ref(best | prompt), summed"),
+            _f("worst_ref_logprob", pa.float64()),
+        ]
+    ),
+    "policy_log": pa.schema(
+        [
+            _f("step", pa.int32()),
+            _f("method", pa.string(), doc="ppo, vbon, bond, dpo, ipo, bonbon or bon_sft"),
+            _f("loss", pa.float64(), doc="the total training loss of the step"),
+            _f("reward", pa.float64(), nullable=True,
+               doc="PPO methods: mean sequence reward (proxy, or the vBoN reward)"),
+            _f("kl", pa.float64(), nullable=True, doc="KL estimate named by kl_estimator"),
+            _f("kl_estimator", pa.string(), nullable=True,
+               doc="k1_rollout: mean sum_t log(pi/pi_ref) over on-policy samples; "
+                   "logratio_cached_best: mean log(pi/pi_ref) on cached best responses "
+                   "(not a policy KL)"),
+            _f("kl_k3", pa.float64(), nullable=True, doc="mean per-token k3 on the rollout"),
+            _f("entropy", pa.float64(), nullable=True, doc="mean per-token policy entropy"),
+            _f("kl_coef", pa.float64(), nullable=True, doc="beta of the KL penalty"),
+            _f("lr", pa.float64()),
+            _f("policy_loss", pa.float64(), nullable=True),
+            _f("value_loss", pa.float64(), nullable=True),
+            _f("clipfrac", pa.float64(), nullable=True),
+            _f("approx_kl", pa.float64(), nullable=True),
+            _f("sft_nll", pa.float64(), nullable=True, doc="bond: forward-KL (SFT) term"),
+            _f("response_length", pa.float64(), nullable=True),
+            _f("reward_margin", pa.float64(), nullable=True,
+               doc="preference methods: mean h(y_w) - h(y_l)"),
+            _f("accuracy", pa.float64(), nullable=True,
+               doc="preference methods: fraction with h(y_w) > h(y_l)"),
+            _f("chosen_logp", pa.float64(), nullable=True),
+            _f("rejected_logp", pa.float64(), nullable=True),
+            _f("grad_norm", pa.float64(), nullable=True),
+            _f("elapsed_s", pa.float64()),
+        ]
+    ),
+    "bon_curve": pa.schema(
+        [
+            _f("objective", pa.string(),
+               doc="selection score: a single reward model (rm-seedK) or mean / wco / uwo"),
+            _f("n", pa.int32()),
+            _f("proxy", pa.float64(), doc="E[proxy of the proxy-best of n] (unbiased, no resampling)"),
+            _f("gold", pa.float64(), doc="E[gold of the proxy-best of n], proxy ties averaged"),
+            _f("kl_analytic", pa.float64(), doc="log n - (n-1)/n"),
+            _f("kl_ties", pa.float64(), doc="tie-aware KL on the cache's empirical distribution"),
+            _f("win_rate_ref", pa.float64(), doc="P(gold of BoN > gold of a reference sample) + tie/2"),
+            _f("n_prompts", pa.int32()),
+            _f("pool_size", pa.int32(), doc="M, cached samples per prompt"),
+        ]
+    ),
+    "eval_samples": pa.schema(
+        [
+            _f("policy", pa.string(), doc="sft or a method run name"),
+            _f("prompt_id", pa.string()),
+            _f("sample_idx", pa.int32()),
+            _f("response", pa.string()),
+            _f("n_tokens", pa.int32()),
+            _f("gold", pa.float64()),
+            _f("proxy", pa.float64(), doc="ensemble objective of the proxy reward models"),
+            _f("logp_policy", pa.float64(), doc="log pi(y|x), summed over tokens"),
+            _f("logp_ref", pa.float64(), doc="log pi_ref(y|x), summed over tokens"),
+            _f("k3_sum", pa.float64(), doc="sum over tokens of the k3 KL estimator"),
+        ]
+    ),
+    "eval_summary": pa.schema(
+        [
+            _f("policy", pa.string()),
+            _f("method", pa.string(), doc="sft, bon, or the training method"),
+            _f("beta", pa.float64(), nullable=True, doc="KL coefficient (ppo, dpo, ...) or 1/(n-1)"),
+            _f("n", pa.int32(), nullable=True, doc="BoN size of the method / BoN point"),
+            _f("gold", pa.float64(), doc="mean gold reward"),
+            _f("gold_se", pa.float64(), nullable=True),
+            _f("proxy", pa.float64(), doc="mean ensemble proxy reward"),
+            _f("kl", pa.float64(), doc="KL(pi || pi_ref), estimator in kl_estimator"),
+            _f("kl_se", pa.float64(), nullable=True),
+            _f("kl_estimator", pa.string(),
+               doc="k1 (mean log pi/pi_ref over policy samples; may be < 0 by noise), "
+                   "bon_analytic or bon_ties"),
+            _f("kl_k3", pa.float64(), nullable=True, doc="per-token k3 estimate (>= 0)"),
+            _f("win_rate_ref", pa.float64(), doc="gold win rate against reference samples"),
+            _f("win_rate_bon", pa.float64(), nullable=True,
+               doc="gold win rate against the reference's proxy-best of win_rate_n"),
+            _f("win_rate_n", pa.int32()),
+            _f("pareto", pa.bool_(), doc="on the (KL, gold) Pareto frontier of this table"),
+        ]
+    ),
 }
 
 # Float columns where NaN or +-inf is an error on write and on read.
@@ -122,6 +221,10 @@ FINITE_COLUMNS: dict[str, tuple[str, ...]] = {
     "samples": ("ref_logprob",),
     "rewards": ("reward",),
     "preferences": ("chosen_gold", "rejected_gold"),
+    "pairs": ("best_proxy", "worst_proxy", "best_ref_logprob", "worst_ref_logprob"),
+    "policy_log": ("loss",),
+    "bon_curve": ("proxy", "gold"),
+    "eval_samples": ("gold", "proxy", "logp_policy", "logp_ref"),
 }
 
 

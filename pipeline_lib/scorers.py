@@ -81,7 +81,8 @@ class HFClassifierScorer:
     @torch.no_grad()
     def score(self, texts: Sequence[str]) -> np.ndarray:
         out = np.empty(len(texts), dtype=np.float64)
-        bar = tqdm(total=len(texts), desc=f"score {self.name}", unit="text", mininterval=2.0)
+        bar = tqdm(total=len(texts), desc=f"score {self.name}", unit="text", mininterval=2.0,
+                   disable=len(texts) < 4 * self.batch_size)
         for s in range(0, len(texts), self.batch_size):
             chunk = list(texts[s : s + self.batch_size])
             enc = self.tokenizer(
@@ -118,3 +119,24 @@ def gold_scorer(cfg: Mapping[str, Any], device) -> VaderScorer | HFClassifierSco
             output=cfg.get("output", "probability"), device=device, key="gold.path",
         )
     raise ValueError(f"config key gold.type: unknown gold scorer {cfg['type']!r} (vader, hf)")
+
+
+class EnsembleProxy:
+    """The proxy reward of fresh texts: k reward models combined by the ensemble objective,
+    optionally z-normalised with per-member reference statistics (as in the `cdf` stage)."""
+
+    def __init__(self, scorers: Sequence[HFClassifierScorer], objective: str, uwo_lambda: float,
+                 stats: tuple[np.ndarray, np.ndarray] | None = None):
+        self.scorers, self.objective, self.uwo_lambda, self.stats = (
+            list(scorers), objective, uwo_lambda, stats)
+
+    def member_rewards(self, texts: Sequence[str]) -> np.ndarray:
+        return np.stack([s.score(texts) for s in self.scorers])
+
+    def score(self, texts: Sequence[str]) -> np.ndarray:
+        from pipeline_lib.rewards import ensemble, zscore_members
+
+        members = self.member_rewards(texts)
+        if self.stats is not None:
+            members = zscore_members(members, *self.stats)
+        return ensemble(members, self.objective, uwo_lambda=self.uwo_lambda)

@@ -467,3 +467,171 @@ def run_cdf(
     write_table(table, out, "cdf", provenance(
         config, "cdf", split=split, objective=cfg["objective"], uwo_lambda=cfg["uwo_lambda"],
         normalize=cfg["normalize"], curvefit=cfg["curvefit"], M=m))
+
+
+# ---------------------------------------------------------------------------------------------
+# pairs and training
+# ---------------------------------------------------------------------------------------------
+def run_pairs(
+    config: Mapping[str, Any], n: int, samples_path: PathLike, rewards_path: PathLike,
+    out: PathLike,
+) -> None:
+    """Best and worst of the first n cached samples per prompt, by the ensemble proxy."""
+    from pipeline_lib.preference import bon_pairs
+
+    samples = read_polars(samples_path, "samples")
+    proxy = ensemble_rewards(read_polars(rewards_path, "rewards"), config["cdf"],
+                             str(rewards_path))
+    pairs, dropped = bon_pairs(samples, proxy, n, return_dropped=True)
+    log.info("bon%d pairs: %d prompts, %d dropped (all n proxies tied)", n, pairs.height,
+             len(dropped))
+    write_table(pairs, out, "pairs", provenance(config, "pairs", n=n,
+                                                objective=config["cdf"]["objective"]))
+
+
+def _policy_log_rows(rows: Sequence[Mapping[str, Any]], method: str) -> pl.DataFrame:
+    from pipeline_lib.schemas import SCHEMAS
+
+    names = SCHEMAS["policy_log"].names
+    out = []
+    for r in rows:
+        row = {k: r.get(k) for k in names}
+        row["method"] = method
+        if "kl_k1" in r:
+            row["kl"], row["kl_estimator"] = r["kl_k1"], "k1_rollout"
+        elif "kl_best_k1" in r:
+            row["kl"], row["kl_estimator"] = r["kl_best_k1"], "logratio_cached_best"
+        out.append(row)
+    schema = {k: pl.Float64 for k in names} | {"step": pl.Int32, "method": pl.String,
+                                                "kl_estimator": pl.String}
+    return pl.DataFrame(out, schema=schema)
+
+
+def load_proxy(config: Mapping[str, Any], reward_models: Mapping[str, PathLike],
+               train_rewards: PathLike, device):
+    """The ensemble proxy of the `cdf` stage, for scoring fresh policy samples."""
+    from pipeline_lib.scorers import EnsembleProxy
+
+    cfg = config["cdf"]
+    stats = None
+    if cfg["normalize"]:
+        _, ref, _ = proxy_matrix(read_polars(train_rewards, "rewards"), str(train_rewards))
+        stats = member_stats(ref)
+    bs = config["scoring"]["batch_size"]
+    scorers = [reward_model_scorer(p, name, device, batch_size=bs)
+               for name, p in sorted(reward_models.items())]
+    return EnsembleProxy(scorers, cfg["objective"], cfg["uwo_lambda"], stats)
+
+
+def _checkpoint_guard(checkpoint_dir: Path, spec_blob: str) -> None:
+    """Resume only a checkpoint made by the same run settings; otherwise start afresh."""
+    marker = checkpoint_dir / "run.json"
+    if checkpoint_dir.exists() and (not marker.exists() or marker.read_text() != spec_blob):
+        log.warning("checkpoint %s belongs to other settings; starting afresh", checkpoint_dir)
+        shutil.rmtree(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(spec_blob)
+
+
+def run_train(
+    config: Mapping[str, Any],
+    name: str,
+    policy_dir: PathLike,
+    out_dir: PathLike,
+    log_table: PathLike,
+    checkpoint_dir: PathLike,
+    prompts_path: PathLike | None = None,
+    cdf_path: PathLike | None = None,
+    rewards_path: PathLike | None = None,
+    reward_models: Mapping[str, PathLike] | None = None,
+    pairs_path: PathLike | None = None,
+    threads: int | None = None,
+) -> None:
+    """Train one method run from the SFT policy; checkpoints resume a killed job."""
+    from pipeline_lib.methods import PPO_METHODS, kl_coefficient, method_runs
+
+    spec = method_runs(config)[name]
+    method = spec["method"]
+    device = _setup(config, threads, "train", name)
+    tokenizer = load_tokenizer(policy_dir, "policy")
+    policy = load_causal_lm(policy_dir, "cpu", "policy")
+    train_seed = derive_seed(config["seed"], "train", name)
+    ckpt = Path(checkpoint_dir)
+    _checkpoint_guard(ckpt, json.dumps({"spec": spec, "training": config["training"],
+                                        "config_hash": config_hash(config)}, sort_keys=True,
+                                       default=str))
+    on_log = lambda r: log.info("%s %s", name, json.dumps(r, default=float))  # noqa: E731
+    if method in PPO_METHODS:
+        rows, model = _train_ppo_method(config, spec, tokenizer, policy, prompts_path, cdf_path,
+                                        rewards_path, reward_models or {}, pairs_path, device,
+                                        train_seed, ckpt, on_log)
+        extra = {"kl_coef": kl_coefficient(spec)}
+    else:
+        from pipeline_lib.preference import PreferenceConfig, effective_beta, train_preference
+
+        pairs = read_polars(pairs_path, "pairs")
+        pc = PreferenceConfig(
+            method=method, beta=float(spec.get("beta") or 0.1), n=int(spec["n"]),
+            alpha=float(spec["alpha"]), label_smoothing=float(spec["label_smoothing"]),
+            bonbon_variant=spec["bonbon_variant"], device=config["device"],
+            **{**config["training"]["preference"], **spec["overrides"]},
+        )
+        rows, model = train_preference(policy, tokenizer, pairs, pc, seed=train_seed,
+                                       checkpoint_dir=ckpt, on_log=on_log)
+        extra = {"beta": effective_beta(pc)}
+    with atomic_dir(out_dir) as tmp:
+        save_model(model, tokenizer, tmp)
+    write_table(_policy_log_rows(rows, method), log_table, "policy_log",
+                provenance(config, "train", run=name, method=method, spec=spec, **extra))
+    shutil.rmtree(ckpt, ignore_errors=True)  # the run is complete: a rerun starts afresh
+
+
+def _train_ppo_method(config, spec, tokenizer, policy, prompts_path, cdf_path, rewards_path,
+                      reward_models, pairs_path, device, seed, ckpt, on_log):
+    from pipeline_lib.cdf import CurveFit
+    from pipeline_lib.methods import kl_coefficient, vbon_rewards
+    from pipeline_lib.ppo import PPOConfig, train_ppo
+
+    method = spec["method"]
+    prompts = read_polars(prompts_path, "prompts")
+    texts = prompts["prompt"].to_list()
+    proxy = load_proxy(config, reward_models, rewards_path, device)
+    g = config["generation"]
+    cfg = PPOConfig.from_mapping({
+        **config["training"]["ppo"], **spec["overrides"],
+        "kl_coef": kl_coefficient(spec),
+        "sft_weight": (1.0 - float(spec["w"])) if method == "bond" else 0.0,
+        "temperature": g["temperature"], "top_p": g["top_p"], "top_k": g["top_k"],
+        "max_new_tokens": g["max_new_tokens"], "device": config["device"],
+    })
+    rows_of_prompt = None
+    if method in ("vbon", "bond"):
+        cdf = read_polars(cdf_path, "cdf")
+        by_id = {r["prompt_id"]: r for r in cdf.iter_rows(named=True)}
+        missing = [p for p in prompts["prompt_id"] if p not in by_id]
+        if missing:
+            raise StageError(f"{cdf_path}: no CDF for prompt(s) {missing[:5]}")
+        ordered = [by_id[p] for p in prompts["prompt_id"]]
+        rows_of_prompt = np.array([r["sorted_rewards"] for r in ordered], dtype=np.float64)
+        fits = [CurveFit(r["fit_a"], r["fit_b"], r["fit_c"], r["fit_rmse"], True)
+                if r["fit_ok"] else None for r in ordered] if config["cdf"]["curvefit"] else None
+        log.info("%s: bound %s, KL coefficient 1/(n-1) = %.4f, exact-bound scale %s",
+                 method, spec["bound"], kl_coefficient(spec),
+                 "1/(n-1)" if spec["exact_scale"] == "n_minus_1" else "1/n (vBoN code)")
+
+    def reward_fn(idx: np.ndarray, responses: list[str], ids: list[list[int]]) -> np.ndarray:
+        r = proxy.score([texts[i] + resp for i, resp in zip(idx, responses, strict=True)])
+        if rows_of_prompt is None:
+            return r
+        return vbon_rewards(rows_of_prompt[idx], r, int(spec["n"]), spec["bound"],
+                            spec["exact_scale"], [fits[i] for i in idx] if fits else None)
+
+    sft_examples = None
+    if method == "bond":
+        from pipeline_lib.modeling import encode_prompt
+
+        pairs = read_polars(pairs_path, "pairs")
+        sft_examples = [(encode_prompt(tokenizer, p), list(ids)) for p, ids in
+                        zip(pairs["prompt"], pairs["best_token_ids"], strict=True)]
+    return train_ppo(policy, tokenizer, texts, reward_fn, cfg, seed=seed, checkpoint_dir=ckpt,
+                     sft_examples=sft_examples, on_log=on_log)

@@ -37,7 +37,15 @@ TABLES = {
     "cdf/test.parquet": "cdf",
     "logs/sft.parquet": "train_log",
     "logs/rm-seed1.parquet": "train_log",
+    "data/bon4-pairs.parquet": "pairs",
+    "eval/bon.parquet": "bon_curve",
+    "eval/policy-sft.parquet": "eval_samples",
+    "eval/policy-vbon-n4-exact.parquet": "eval_samples",
+    "summary.parquet": "eval_summary",
 }
+RUNS = ["ppo-b0.05", "vbon-n4-exact", "vbon-n4-l1", "bond-n4-w0.5", "dpo-n4-b0.1", "ipo-n4-b0.1",
+        "bonbon-n4", "bon_sft-n4"]
+TABLES |= {f"logs/train-{r}.parquet": "policy_log" for r in RUNS}
 
 
 def snakemake(workdir: Path, *args: str, configfile: Path = TINY, check: bool = True):
@@ -138,6 +146,45 @@ def test_logs_have_progress_and_losses(run):
     assert sft["loss"][-1] < sft["loss"][0]  # training moved the loss
 
 
+def test_every_method_trains_and_its_loss_moves(run):
+    for name in RUNS:
+        log = read_polars(run / f"logs/train-{name}.parquet", "policy_log")
+        assert log.height >= 4, name
+        assert log["loss"].n_unique() > 1, f"{name}: the loss never moved"
+        assert log["kl_estimator"].is_in(["k1_rollout", "logratio_cached_best"]).all()
+        assert (run / f"policies/{name}/model.safetensors").exists()
+        assert not (run / f"checkpoints/{name}").exists()  # removed once the run completed
+    ppo = read_polars(run / "logs/train-vbon-n4-exact.parquet", "policy_log")
+    assert ppo["kl_coef"].to_list() == pytest.approx([1 / 3] * ppo.height)  # beta = 1/(n-1)
+    assert ppo["reward"].is_not_null().all() and ppo["entropy"].is_not_null().all()
+
+
+def test_pairs_are_best_and_worst_of_first_n(run):
+    pairs = read_polars(run / "data/bon4-pairs.parquet", "pairs")
+    assert (pairs["best_idx"] < 4).all() and (pairs["worst_idx"] < 4).all()
+    assert (pairs["best_proxy"] > pairs["worst_proxy"]).all()
+
+
+def test_evaluation_summary_and_figures(run):
+    summary = read_polars(run / "summary.parquet", "eval_summary")
+    policies = set(summary["policy"])
+    assert {"sft", *RUNS} <= policies
+    assert {"bon-n1", "bon-n2", "bon-n4", "bon-n8"} <= policies
+    sft = summary.filter(pl.col("policy") == "sft").row(0, named=True)
+    assert sft["kl"] == pytest.approx(0.0, abs=1e-9)  # the reference against itself
+    assert summary["pareto"].any()
+    assert summary.filter(pl.col("method") != "bon")["win_rate_bon"].is_not_null().all()
+    bon = read_polars(run / "eval/bon.parquet", "bon_curve")
+    assert set(bon["objective"]) == {"rm-seed1", "rm-seed2", "mean", "wco", "uwo"}
+    n1 = bon.filter(pl.col("n") == 1)
+    assert n1["win_rate_ref"].to_list() == pytest.approx([0.5] * n1.height)
+    assert (bon["kl_ties"] <= bon["kl_analytic"] + 1e-12).all()
+    samples = read_polars(run / "eval/policy-sft.parquet", "eval_samples")
+    assert samples.height == cfg()["prompts"]["n_test"] * 8
+    for fig in ("bon_curves", "kl_gold", "win_rates"):
+        assert (run / f"figures/{fig}.png").stat().st_size > 10_000
+
+
 def test_noop_rerun_and_single_target(run):
     workdir = run.parent.parent
     dry = snakemake(workdir, "-n")
@@ -166,7 +213,7 @@ def test_same_config_and_seed_give_identical_tables(run, tmp_path):
     for rel in TABLES:
         a = pq.read_table(run / rel).replace_schema_metadata(None)
         b = pq.read_table(workdir / "results/tiny" / rel).replace_schema_metadata(None)
-        if rel.startswith("logs/"):  # wall-clock column differs; everything else must not
+        if "elapsed_s" in a.column_names:  # wall-clock column differs; nothing else may
             a, b = a.drop(["elapsed_s"]), b.drop(["elapsed_s"])
         assert a.equals(b), f"{rel} differs between two runs of the same config and seed"
     shutil.rmtree(workdir)

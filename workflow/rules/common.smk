@@ -22,3 +22,47 @@ def section(*names):
 def cdf_norm_reference(wildcards):
     """Members are z-normalised against the train reward cache when cdf.normalize is set."""
     return {"norm_reference": f"{R}/rewards/train.parquet"} if config["cdf"]["normalize"] else {}
+
+
+from pipeline_lib.methods import PPO_METHODS, PREFERENCE_METHODS, method_runs, pair_sizes
+
+RUNS = method_runs(config)
+PAIR_NS = pair_sizes(RUNS)
+
+
+wildcard_constraints:
+    policy="|".join(RUNS) or "(?!)",
+    n=r"\d+",
+
+
+def train_inputs(wildcards):
+    """What a method run reads: the SFT policy, plus the cache pieces its method needs."""
+    spec = RUNS[wildcards.policy]
+    inputs = {"policy": f"{R}/models/sft"}
+    if spec["method"] in PPO_METHODS:
+        inputs["prompts"] = f"{R}/data/prompts-train.parquet"
+        inputs["rewards"] = f"{R}/rewards/train.parquet"
+        inputs["reward_models"] = expand(f"{R}/models/rm-seed{{seed}}", seed=RM_SEEDS)
+    if spec["method"] in ("vbon", "bond"):
+        inputs["cdf"] = f"{R}/cdf/train.parquet"
+    if spec["method"] in PREFERENCE_METHODS or spec["method"] == "bond":
+        inputs["pairs"] = f"{R}/data/bon{spec['n']}-pairs.parquet"
+    return inputs
+
+
+EVAL_POLICIES = ["sft", *RUNS]
+
+
+wildcard_constraints:
+    evalpolicy="|".join(["sft", *RUNS]),
+
+
+def policy_dir(wildcards):
+    """The SFT reference is evaluated like any trained policy."""
+    if wildcards.evalpolicy == "sft":
+        return f"{R}/models/sft"
+    return f"{R}/policies/{wildcards.evalpolicy}"
+
+
+def bon_curve_inputs(wildcards):
+    return {"train_rewards": f"{R}/rewards/train.parquet"} if config["cdf"]["normalize"] else {}

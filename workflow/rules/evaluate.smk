@@ -1,0 +1,65 @@
+rule bon_curve:
+    """BoN curves on the test cache: every objective, every n on the grid, with the KL axis."""
+    input:
+        unpack(bon_curve_inputs),
+        rewards=f"{R}/rewards/test.parquet",
+    output:
+        report(f"{R}/eval/bon.parquet", category="BoN curves"),
+    params:
+        cfg=section("cdf", "evaluation"),
+    log:
+        f"{R}/logs/bon_curve.log",
+    resources:
+        mem_mb=4000,
+        runtime=10,
+    script:
+        "../scripts/bon_curve.py"
+
+
+rule evaluate:
+    """K samples per test prompt from one policy (or the SFT reference itself): gold, proxy,
+    KL to the reference (k1 with standard error, k3) and win rates."""
+    input:
+        policy=policy_dir,
+        reference=f"{R}/models/sft",
+        prompts=f"{R}/data/prompts-test.parquet",
+        reward_models=expand(f"{R}/models/rm-seed{{seed}}", seed=RM_SEEDS),
+        test_rewards=f"{R}/rewards/test.parquet",
+        train_rewards=f"{R}/rewards/train.parquet",
+    output:
+        samples=f"{R}/eval/policy-{{evalpolicy}}.parquet",
+        summary=f"{R}/eval/summary-{{evalpolicy}}.parquet",
+    params:
+        cfg=section("seed", "device", "generation", "gold", "cdf", "evaluation"),
+        names=[f"rm-seed{s}" for s in RM_SEEDS],
+    log:
+        f"{R}/logs/evaluate-{{evalpolicy}}.log",
+    threads: THREADS
+    resources:
+        gpu=GPUS,
+        mem_mb=8000,
+        runtime=60,
+    script:
+        "../scripts/evaluate.py"
+
+
+rule summary:
+    """One table and three figures over every policy and BoN point."""
+    input:
+        evals=expand(f"{R}/eval/summary-{{evalpolicy}}.parquet", evalpolicy=EVAL_POLICIES),
+        bon=f"{R}/eval/bon.parquet",
+    output:
+        table=report(f"{R}/summary.parquet", category="Summary"),
+        bon_curves=report(f"{R}/figures/bon_curves.png", category="BoN curves",
+                          caption="../report/bon_curves.rst"),
+        kl_gold=report(f"{R}/figures/kl_gold.png", category="Methods",
+                       caption="../report/kl_gold.rst"),
+        win_rates=report(f"{R}/figures/win_rates.png", category="Methods",
+                         caption="../report/win_rates.rst"),
+    log:
+        f"{R}/logs/summary.log",
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    script:
+        "../scripts/summary.py"

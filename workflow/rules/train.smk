@@ -1,0 +1,37 @@
+rule pairs:
+    """Best and worst of the first n cached train samples per prompt (nested across n)."""
+    input:
+        samples=f"{R}/samples/train.parquet",
+        rewards=f"{R}/rewards/train.parquet",
+    output:
+        f"{R}/data/bon{{n}}-pairs.parquet",
+    params:
+        cfg=section("cdf"),
+    log:
+        f"{R}/logs/pairs-bon{{n}}.log",
+    resources:
+        mem_mb=4000,
+        runtime=10,
+    script:
+        "../scripts/pairs.py"
+
+
+rule train:
+    """One alignment run ({policy} = e.g. vbon-n8-exact) from the SFT policy on the cache."""
+    input:
+        unpack(train_inputs),
+    output:
+        model=directory(f"{R}/policies/{{policy}}"),
+        log_table=f"{R}/logs/train-{{policy}}.parquet",
+    params:
+        cfg=lambda wc: {"run": RUNS[wc.policy], **section("seed", "device", "training", "cdf", "generation")},
+        checkpoint_dir=lambda wc: f"{R}/checkpoints/{wc.policy}",
+    log:
+        f"{R}/logs/train-{{policy}}.log",
+    threads: THREADS
+    resources:
+        gpu=GPUS,
+        mem_mb=lambda wc, attempt: 8000 * attempt,
+        runtime=240,
+    script:
+        "../scripts/train.py"

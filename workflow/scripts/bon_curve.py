@@ -1,0 +1,11 @@
+"""Snakemake script for rule `bon_curve`."""
+from pipeline_lib.eval_stages import run_bon_curve
+from pipeline_lib.logs import job_logging
+
+with job_logging(snakemake.log[0], snakemake.rule):
+    run_bon_curve(
+        snakemake.config,
+        rewards_path=snakemake.input.rewards,
+        train_rewards=snakemake.input.get("train_rewards"),
+        out=snakemake.output[0],
+    )

@@ -1,0 +1,13 @@
+"""Snakemake script for rule `summary`."""
+from pipeline_lib.eval_stages import run_summary
+from pipeline_lib.logs import job_logging
+
+out = snakemake.output
+with job_logging(snakemake.log[0], snakemake.rule):
+    run_summary(
+        snakemake.config,
+        evals=list(snakemake.input.evals),
+        bon_path=snakemake.input.bon,
+        out=out.table,
+        figures={"bon_curves": out.bon_curves, "kl_gold": out.kl_gold, "win_rates": out.win_rates},
+    )
