@@ -46,7 +46,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "prompts": pa.schema(
         [
             _f("prompt_id", pa.string(), doc="unique id, '<split>-<index>'"),
-            _f("split", pa.string(), doc="train or test"),
+            _f("split", pa.string(), doc="train, test or pref"),
             _f("prompt", pa.string(), doc="the prompt text (a 2-8 word prefix by default)"),
             _f("text_id", pa.string(), doc="source text the prefix was cut from"),
             _f("group", pa.string(), doc="split group of the source text"),
@@ -392,3 +392,7 @@ def read_polars(path: str | os.PathLike, name: str):
 
     return pl.from_arrow(read_table(path, name))
 
+
+
+if __name__ == "__main__":  # python -m pipeline_lib.schemas: print every declared table
+    print("\n\n".join(describe_schema(name) for name in SCHEMAS))

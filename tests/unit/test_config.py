@@ -60,3 +60,33 @@ def test_load_config_with_overrides_and_hash(tmp_path):
     assert config_hash(a) != config_hash(b)
     with pytest.raises(ConfigError):
         load_config(path, {"prompts": {"max_words": 1}})
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"method": "rlhf", "beta": 0.1}, "'rlhf' is not one of"),
+        ({"method": "vbon", "n": 1}, "minimum"),
+        ({"method": "ppo", "beta": 0.0}, "exclusiveMinimum"),
+        ({"method": "dpo", "n": 8, "beta": -1}, "exclusiveMinimum"),
+        ({"method": "vbon", "n": 8, "bound": "l2"}, "'l2' is not one of"),
+        ({"method": "vbon"}, r"methods\[1\].n is required"),
+        ({"method": "ppo", "beta": 0.1, "n": 8}, r"methods\[1\].n has no meaning"),
+        ({"method": "ppo", "beta": 0.1, "overrides": {"stepz": 3}}, r"methods\[1\].overrides"),
+        ({"method": "ppo", "beta": 0.05}, "used twice"),
+    ],
+)
+def test_bad_method_runs_fail_at_validation(entry, message):
+    cfg = default()
+    cfg["methods"] = [{"method": "ppo", "beta": 0.05}, entry]
+    with pytest.raises(Exception, match=message):
+        validate_config(cfg)
+
+
+def test_method_run_names():
+    from pipeline_lib.methods import method_runs
+
+    cfg = validate_config(default())
+    names = list(method_runs(cfg))
+    assert names == ["ppo-b0.05", "vbon-n8-exact", "bond-n8-w0.5", "dpo-n8-b0.1", "ipo-n8-b0.1",
+                     "bonbon-n8", "bon_sft-n8"]
