@@ -26,6 +26,7 @@ include: "workflow/rules/sampling.smk"
 include: "workflow/rules/cdf.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/prs.smk"
 
 
 rule all:
@@ -35,3 +36,4 @@ rule all:
         expand(f"{R}/logs/rm-seed{{seed}}.parquet", seed=RM_SEEDS),
         expand(f"{R}/logs/train-{{policy}}.parquet", policy=RUNS),
         f"{R}/summary.parquet",
+        [f"{R}/prs/compare.parquet"] if config["prs_compare"]["enabled"] else [],

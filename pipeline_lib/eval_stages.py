@@ -231,14 +231,31 @@ def summary_table(config: Mapping[str, Any], evals: Sequence[PathLike],
 
 
 def run_summary(config: Mapping[str, Any], evals: Sequence[PathLike], bon_path: PathLike,
-                out: PathLike, figures: Mapping[str, PathLike]) -> None:
+                out: PathLike, figures: Mapping[str, PathLike],
+                csv: Mapping[str, PathLike] | None = None) -> None:
+    """summary.parquet, CSV copies for the HTML report, and the three figures."""
     table = summary_table(config, evals, bon_path)
     write_table(table, out, "eval_summary", provenance(config, "summary"))
     bon = read_polars(bon_path, "bon_curve")
+    for frame, path in ((table, (csv or {}).get("summary")), (bon, (csv or {}).get("bon"))):
+        if path:
+            _write_csv(frame, path)
     plot_bon_curves(bon, figures["bon_curves"])
     plot_kl_gold(table, bon.filter(pl.col("objective") == configured_objective_name(config)),
                  figures["kl_gold"])
     plot_win_rates(table, figures["win_rates"])
+
+
+def _write_csv(frame: pl.DataFrame, path: PathLike) -> None:
+    import os
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".csv", dir=path.parent)
+    os.close(fd)
+    frame.write_csv(tmp, float_precision=6)
+    os.replace(tmp, path)
 
 
 def _figure():

@@ -214,6 +214,36 @@ SCHEMAS: dict[str, pa.Schema] = {
             _f("pareto", pa.bool_(), doc="on the (KL, gold) Pareto frontier of this table"),
         ]
     ),
+    "prs_samples": pa.schema(
+        [
+            _f("strategy", pa.string(), doc="random (N i.i.d. samples of (x, z)) or prs"),
+            _f("N", pa.int32(), doc="samples per prompt; best-of-N picks among them"),
+            _f("prompt_id", pa.string()),
+            _f("sample_idx", pa.int32()),
+            _f("layer", pa.int8(), doc="PRS layer (0 = first layer; random: 0)"),
+            _f("parent_idx", pa.int32(), doc="sample_idx of the refined response, -1 if none"),
+            _f("response", pa.string()),
+            _f("n_tokens", pa.int32(), doc="generated response tokens"),
+            _f("extra_tokens", pa.int32(), doc="feedback tokens spent for this layer (counted once)"),
+            _f("score", pa.float64(), doc="the comparison's scorer"),
+        ]
+    ),
+    "prs_compare": pa.schema(
+        [
+            _f("strategy", pa.string()),
+            _f("N", pa.int32()),
+            _f("best_of_n", pa.float64(), doc="mean over prompts of the best score among N"),
+            _f("best_of_n_se", pa.float64()),
+            _f("mean_score", pa.float64(), doc="mean score of all N samples"),
+            _f("mean_score_layer0", pa.float64(), doc="mean score of the first layer"),
+            _f("mean_score_last_layer", pa.float64(), doc="mean score of the last layer"),
+            _f("tokens_per_prompt", pa.float64(),
+               doc="generated tokens per prompt: responses + PRS feedback"),
+            _f("win_rate_vs_random", pa.float64(), nullable=True,
+               doc="P(best of PRS > best of random) + tie/2 per prompt, same N"),
+            _f("n_prompts", pa.int32()),
+        ]
+    ),
 }
 
 # Float columns where NaN or +-inf is an error on write and on read.
@@ -225,6 +255,7 @@ FINITE_COLUMNS: dict[str, tuple[str, ...]] = {
     "policy_log": ("loss",),
     "bon_curve": ("proxy", "gold"),
     "eval_samples": ("gold", "proxy", "logp_policy", "logp_ref"),
+    "prs_samples": ("score",),
 }
 
 

@@ -233,16 +233,47 @@ def run_sample_shard(
     prompts_path: PathLike,
     out: PathLike,
     threads: int | None = None,
+    reward_models: Mapping[str, PathLike] | None = None,
 ) -> None:
-    """Sample M responses for one shard of a split's prompts (groups are seeded globally)."""
+    """Sample M responses for one shard of a split's prompts (groups are seeded globally).
+
+    With ``sampling.strategy: prs`` each prompt gets a PRS tree of M samples instead, guided
+    by the proxy ensemble (``reward_models``)."""
     device = _setup(config, threads, "sample", split, shard)
     prompts = read_polars(prompts_path, "prompts")
     m = config["sampling"]["M"][split]
     starts = shard_group_starts(prompts.height, m, config, shard)
     backend = make_backend(config, policy_dir, device)
-    table = generate_table(backend, prompts, starts, m, config, split)
+    strategy = config["sampling"]["strategy"]
+    if strategy == "prs":
+        table = _prs_shard(config, backend, prompts, starts, m, split, reward_models, device)
+    else:
+        table = generate_table(backend, prompts, starts, m, config, split)
     write_table(table, out, "samples",
-                provenance(config, "sample", split=split, shard=shard, policy=policy_dir, M=m))
+                provenance(config, "sample", split=split, shard=shard, policy=policy_dir, M=m,
+                           strategy=strategy))
+
+
+def _prs_shard(config, backend, prompts, starts, m, split, reward_models, device):
+    """PRS trees for the shard's prompt groups, guided by the (un-normalised) proxy ensemble;
+    each group is seeded on its own, so the table does not depend on the shard count."""
+    from pipeline_lib.prs_stages import prs_cache_table
+    from pipeline_lib.scorers import EnsembleProxy
+
+    if not reward_models:
+        raise StageError("sampling.strategy 'prs' needs the proxy reward models")
+    bs = config["scoring"]["batch_size"]
+    proxy = EnsembleProxy([reward_model_scorer(p, n, device, batch_size=bs)
+                           for n, p in sorted(reward_models.items())],
+                          config["cdf"]["objective"], config["cdf"]["uwo_lambda"])
+
+    def score(prompts_, responses):
+        return proxy.score([p + r for p, r in zip(prompts_, responses, strict=True)])
+
+    groups = prompt_groups(prompts.height, m, config["generation"]["batch_size"])
+    frames = [prs_cache_table(backend, prompts[g.start : g.stop], m, config, f"{split}/{g.start}",
+                              score) for g in groups if g.start in set(starts)]
+    return pl.concat(frames)
 
 
 def run_gather(

@@ -42,6 +42,9 @@ TABLES = {
     "eval/policy-sft.parquet": "eval_samples",
     "eval/policy-vbon-n4-exact.parquet": "eval_samples",
     "summary.parquet": "eval_summary",
+    "data/prs-instructions.parquet": "prompts",
+    "prs/samples.parquet": "prs_samples",
+    "prs/compare.parquet": "prs_compare",
 }
 RUNS = ["ppo-b0.05", "vbon-n4-exact", "vbon-n4-l1", "bond-n4-w0.5", "dpo-n4-b0.1", "ipo-n4-b0.1",
         "bonbon-n4", "bon_sft-n4"]
@@ -183,6 +186,26 @@ def test_evaluation_summary_and_figures(run):
     assert samples.height == cfg()["prompts"]["n_test"] * 8
     for fig in ("bon_curves", "kl_gold", "win_rates"):
         assert (run / f"figures/{fig}.png").stat().st_size > 10_000
+
+
+def test_prs_comparison_runs_end_to_end(run):
+    samples = read_polars(run / "prs/samples.parquet", "prs_samples")
+    n = cfg()["prs_compare"]["n_prompts"]
+    for strategy in ("random", "prs"):
+        part = samples.filter(pl.col("strategy") == strategy)
+        assert part.height == n * 4
+    prs = samples.filter(pl.col("strategy") == "prs")
+    assert sorted(prs["layer"].unique()) == [0, 1]
+    assert (prs.filter(pl.col("layer") == 1)["parent_idx"] < 2).all()
+    assert prs["extra_tokens"].sum() > 0  # the reflection costs tokens
+    compare = read_polars(run / "prs/compare.parquet", "prs_compare")
+    assert set(compare["strategy"]) == {"random", "prs"}
+    tokens = dict(zip(compare["strategy"], compare["tokens_per_prompt"], strict=True))
+    for strategy in ("random", "prs"):  # responses + feedback, exactly
+        part = samples.filter(pl.col("strategy") == strategy)
+        total = part["n_tokens"].sum() + part["extra_tokens"].sum()
+        assert tokens[strategy] == pytest.approx(total / n)
+    assert (run / "figures/prs_compare.png").exists()
 
 
 def test_noop_rerun_and_single_target(run):

@@ -144,3 +144,38 @@ def test_cdf_refuses_short_prompt_and_nan(tmp_path, config):
     with pytest.raises(SchemaError, match="rewards.parquet: column 'reward' has 36 non-finite"):
         run_cdf(config, "train", rp, sp, tmp_path / "cdf.parquet")
     assert not (tmp_path / "cdf.parquet").exists()
+
+
+def test_prs_strategy_cache_records_layers_and_is_refused_by_cdf(tiny_policy_dir, config,
+                                                                 tmp_path):
+    """sampling.strategy: prs builds M-sample trees (layer, parent) guided by the proxy RMs;
+    the cdf stage then refuses the cache because PRS samples are not draws from pi_ref."""
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline_lib.modeling import load_tokenizer, save_model
+    from pipeline_lib.stages import run_sample_shard
+
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_policy_dir, num_labels=1)
+    tok = load_tokenizer(tiny_policy_dir)
+    rm.config.pad_token_id = tok.pad_token_id
+    save_model(rm, tok, tmp_path / "rm")
+    config["sampling"].update(strategy="prs", shards=1, M={"train": 4, "test": 4})
+    config["generation"].update(max_new_tokens=6, batch_size=8)
+    config["prs"].update(first_template="{instruction}", feedback_template="{answer} so",
+                         refine_template="{feedback} {answer}", feedback_max_new_tokens=4)
+    prompts = prompts_frame(3)
+    write_table(prompts, tmp_path / "prompts.parquet", "prompts")
+    out = tmp_path / "shard.parquet"
+    run_sample_shard(config, "train", 0, tiny_policy_dir, tmp_path / "prompts.parquet", out,
+                     reward_models={"rm-seed1": tmp_path / "rm"})
+    samples = read_polars(out, "samples")
+    check_complete(samples, prompts["prompt_id"].to_list(), 4, "prs")
+    assert set(samples["strategy"]) == {"prs"}
+    assert samples.filter(pl.col("sample_idx") < 2)["layer"].to_list() == [0] * 6
+    second = samples.filter(pl.col("sample_idx") >= 2)
+    assert second["layer"].to_list() == [1] * 6
+    assert second["parent_idx"].is_in([0, 1]).all()  # each refines a layer-0 response
+    assert samples["ref_logprob"].is_finite().all()
+    rp, _ = _cache(tmp_path, m=4)
+    with pytest.raises(StageError, match="not i.i.d. sampling from pi_ref"):
+        run_cdf(config, "train", rp, out, tmp_path / "cdf.parquet")

@@ -66,3 +66,31 @@ def policy_dir(wildcards):
 
 def bon_curve_inputs(wildcards):
     return {"train_rewards": f"{R}/rewards/train.parquet"} if config["cdf"]["normalize"] else {}
+
+
+def sample_inputs(wildcards):
+    """PRS sampling is guided by the proxy reward models."""
+    if config["sampling"]["strategy"] == "prs":
+        return {"reward_models": expand(f"{R}/models/rm-seed{{seed}}", seed=RM_SEEDS)}
+    return {}
+
+
+def prs_compare_inputs(wildcards):
+    c = config["prs_compare"]
+    inputs = {"instructions": f"{R}/data/prs-instructions.parquet"}
+    if c["model"] == "sft":
+        inputs["model"] = f"{R}/models/sft"
+    elif c["model"] == "smollm2":
+        inputs["model"] = "results/base-models/smollm2"
+    else:
+        inputs["model"] = c["model"]
+    if c["scorer"] == "proxy":
+        inputs["reward_models"] = expand(f"{R}/models/rm-seed{{seed}}", seed=RM_SEEDS)
+        inputs["train_rewards"] = f"{R}/rewards/train.parquet"
+    return inputs
+
+
+def prs_instruction_inputs(wildcards):
+    if config["prs_compare"]["instructions"] == "prompts-test":
+        return {"prompts_test": f"{R}/data/prompts-test.parquet"}
+    return {}

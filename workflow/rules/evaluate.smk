@@ -4,7 +4,7 @@ rule bon_curve:
         unpack(bon_curve_inputs),
         rewards=f"{R}/rewards/test.parquet",
     output:
-        report(f"{R}/eval/bon.parquet", category="BoN curves"),
+        f"{R}/eval/bon.parquet",
     params:
         cfg=section("cdf", "evaluation"),
     log:
@@ -49,7 +49,11 @@ rule summary:
         evals=expand(f"{R}/eval/summary-{{evalpolicy}}.parquet", evalpolicy=EVAL_POLICIES),
         bon=f"{R}/eval/bon.parquet",
     output:
-        table=report(f"{R}/summary.parquet", category="Summary"),
+        table=f"{R}/summary.parquet",
+        table_csv=report(f"{R}/summary.csv", category="Tables",
+                         caption="../report/summary.rst"),
+        bon_csv=report(f"{R}/eval/bon.csv", category="Tables",
+                       caption="../report/bon_table.rst"),
         bon_curves=report(f"{R}/figures/bon_curves.png", category="BoN curves",
                           caption="../report/bon_curves.rst"),
         kl_gold=report(f"{R}/figures/kl_gold.png", category="Methods",

@@ -1,12 +1,14 @@
 rule sample:
     """M reference samples for one shard of a split's prompts, with reference log-probs."""
     input:
+        unpack(sample_inputs),
         policy=f"{R}/models/sft",
         prompts=f"{R}/data/prompts-{{split}}.parquet",
     output:
         temp(f"{R}/samples/{{split}}/shard-{{shard}}.parquet"),
     params:
-        cfg=section("seed", "device", "generation", "sampling"),
+        cfg=section("seed", "device", "generation", "sampling", "prs"),
+        names=[f"rm-seed{s}" for s in RM_SEEDS],
     log:
         f"{R}/logs/sample-{{split}}-{{shard}}.log",
     threads: THREADS

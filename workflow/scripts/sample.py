@@ -12,4 +12,6 @@ with job_logging(snakemake.log[0], f"{snakemake.rule} {wc.split} shard {wc.shard
         prompts_path=snakemake.input.prompts,
         out=snakemake.output[0],
         threads=snakemake.threads,
+        reward_models=dict(zip(snakemake.params.names, snakemake.input.get("reward_models", []),
+                               strict=False)),
     )

@@ -9,5 +9,6 @@ with job_logging(snakemake.log[0], snakemake.rule):
         evals=list(snakemake.input.evals),
         bon_path=snakemake.input.bon,
         out=out.table,
+        csv={"summary": out.table_csv, "bon": out.bon_csv},
         figures={"bon_curves": out.bon_curves, "kl_gold": out.kl_gold, "win_rates": out.win_rates},
     )
