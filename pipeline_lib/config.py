@@ -48,6 +48,14 @@ def check_config(config: Mapping[str, Any]) -> None:
             f"config key sampling.shards ({config['sampling']['shards']}) exceeds "
             f"prompts.n_train ({config['prompts']['n_train']})"
         )
+    if config["generation"]["backend"] == "vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError(
+                "config key generation.backend is 'vllm' but vLLM is not installed; install the "
+                "GPU extra: pip install -e '.[gpu]' (or bash setup.sh --gpu)"
+            )
     from pipeline_lib.methods import method_runs  # validates every method run
 
     method_runs(config)

@@ -166,12 +166,21 @@ def _sampling_params(config: Mapping[str, Any]) -> SamplingParams:
 
 
 def make_backend(config: Mapping[str, Any], policy_dir: PathLike, device):
-    backend = config["generation"]["backend"]
-    if backend != "hf":
-        raise StageError(f"config key generation.backend: unknown backend {backend!r}")
+    g = config["generation"]
+    backend = g["backend"]
     tokenizer = load_tokenizer(policy_dir, "policy")
     model = load_causal_lm(policy_dir, device, "policy")
-    return HFBackend(model, tokenizer, device)
+    if backend == "hf":
+        return HFBackend(model, tokenizer, device)
+    if backend == "vllm":
+        from pipeline_lib.generation import VLLMBackend
+
+        v = g["vllm"]
+        return VLLMBackend(policy_dir, tokenizer, model, device,
+                           tensor_parallel_size=v["tensor_parallel_size"],
+                           gpu_memory_utilization=v["gpu_memory_utilization"], dtype=v["dtype"],
+                           seed=config["seed"])
+    raise StageError(f"config key generation.backend: unknown backend {backend!r}")
 
 
 def generate_table(
