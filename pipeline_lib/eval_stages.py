@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +24,7 @@ from pipeline_lib.evaluation import (
 from pipeline_lib.generation import sequence_logprobs
 from pipeline_lib.modeling import encode_prompt, load_causal_lm
 from pipeline_lib.rewards import ensemble, member_stats, zscore_members
-from pipeline_lib.schemas import read_polars, write_table
+from pipeline_lib.schemas import atomic_file, read_polars, write_table
 from pipeline_lib.stages import (
     PathLike,
     StageError,
@@ -247,15 +246,8 @@ def run_summary(config: Mapping[str, Any], evals: Sequence[PathLike], bon_path: 
 
 
 def _write_csv(frame: pl.DataFrame, path: PathLike) -> None:
-    import os
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".csv", dir=path.parent)
-    os.close(fd)
-    frame.write_csv(tmp, float_precision=6)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        frame.write_csv(tmp, float_precision=6)
 
 
 def _figure():
@@ -324,15 +316,8 @@ def plot_win_rates(table: pl.DataFrame, path: PathLike) -> None:
 
 
 def _save(fig, path: PathLike) -> None:
-    import os
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
     import matplotlib.pyplot as plt
 
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

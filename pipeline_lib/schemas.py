@@ -9,10 +9,11 @@ which raises :class:`SchemaError` naming the file and the offending column or ro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -374,16 +375,25 @@ def write_table(
     meta[SCHEMA_KEY] = name.encode()
     meta[PROVENANCE_KEY] = json.dumps(dict(provenance or {}), sort_keys=True, default=str).encode()
     table = table.replace_schema_metadata(meta)
+    with atomic_file(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it into place only if the block
+    succeeds, so no reader ever sees a partial file (and a failure leaves nothing behind)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp",
+                               dir=path.parent)
     os.close(fd)
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def read_table(path: str | os.PathLike, name: str) -> pa.Table:
