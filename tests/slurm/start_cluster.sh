@@ -4,9 +4,11 @@
 #   sudo bash tests/slurm/start_cluster.sh     # idempotent: reuses whatever is already up
 #   sudo bash tests/slurm/stop_cluster.sh      # stops what this script started
 #
-# Daemons (all as root except munged and mariadbd, all on 127.0.0.1):
-#   munged (default socket; an already working munged is reused), a private mariadbd
-#   (port 33061, data under $STATE), slurmdbd (6819), slurmctld (6817), slurmd (6818).
+# Daemons (all as root except munged and mariadbd): munged (default socket; an already
+#   working munged is reused), a private mariadbd (127.0.0.1:33061, data under $STATE),
+#   slurmdbd (6819), slurmctld (6817), slurmd (127.0.0.1:6818). Every address in the configs
+#   is 127.0.0.1, so all traffic stays on loopback; slurmctld and slurmdbd have no bind
+#   option, so their ports listen on all addresses (munge-authenticated).
 # Config: /etc/slurm/slurm.conf and /etc/slurm/slurmdbd.conf (job steps drop SLURM_CONF,
 # so the config has to be at the default path). The script refuses to overwrite a
 # slurm.conf it did not write. State and logs: $STATE (default /var/lib/bon-slurm-test).
@@ -84,12 +86,16 @@ export PATH="$PATH:/usr/sbin:/sbin"
 
 NODE="$(hostname -s)"
 CPUS="$(nproc)"; [ "$CPUS" -ge 2 ] || CPUS=2
-# Memory is not a consumable (CR_Core): advertise plenty so any profile mem_mb is accepted.
+# Advertise plenty of memory (SlurmdParameters=config_overrides) so any mem_mb is accepted;
+# a job is still killed when it uses more than it asked for (OverMemoryKill).
 MEM=262144
-mkdir -p "$STATE"/{run,log,slurmctld,slurmd} "$CONF_DIR"
-chmod 700 "$STATE"
+step "prepare state directory $STATE"
+mkdir -p "$STATE"/{run,log,slurmctld,slurmd} "$CONF_DIR" || fail "cannot create $STATE"
+# mariadbd (user mysql) must reach $STATE/mysql; everything else in $STATE is root's.
+chmod 711 "$STATE" || fail "cannot chmod $STATE"
 if [ ! -s "$STATE/dbpass" ]; then
-  (umask 077; head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' >"$STATE/dbpass")
+  (umask 077; head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' >"$STATE/dbpass") \
+    || fail "cannot write $STATE/dbpass"
 fi
 DBPASS="$(cat "$STATE/dbpass")"
 
@@ -135,14 +141,12 @@ else
   if [ ! -d "$STATE/mysql/data/mysql" ]; then
     mkdir -p "$STATE/mysql/data"
     chown -R mysql:mysql "$STATE/mysql"
-    chmod 711 "$STATE"
     mariadb-install-db --no-defaults --user=mysql --datadir="$STATE/mysql/data" \
       --auth-root-authentication-method=socket --skip-test-db \
       >"$STATE/log/mariadb-install.log" 2>&1 \
       || { LOGHINT="$STATE/log/mariadb-install.log"; fail "mariadb-install-db failed"; }
   fi
   chown -R mysql:mysql "$STATE/mysql"
-  chmod 711 "$STATE"
   touch "$STATE/log/mariadb.err" && chown mysql:mysql "$STATE/log/mariadb.err"
   setsid mariadbd --no-defaults --user=mysql --datadir="$STATE/mysql/data" \
     --socket="$DBSOCK" --pid-file="$STATE/mysql/mariadbd.pid" \
@@ -188,11 +192,12 @@ sacctmgr -n -P list cluster format=cluster | grep -qx "$CLUSTER" \
 sacctmgr -n -P list account format=account | grep -qx "$ACCOUNT" \
   || sacctmgr -i add account "$ACCOUNT" cluster="$CLUSTER" description=bon-tests organization=bon >/dev/null \
   || fail "sacctmgr add account $ACCOUNT failed"
-sacctmgr -n -P list user root format=user,defaultaccount | grep -qx "root|$ACCOUNT" \
-  || sacctmgr -i add user root account="$ACCOUNT" defaultaccount="$ACCOUNT" cluster="$CLUSTER" >/dev/null \
-  || fail "sacctmgr add user root failed"
-sacctmgr -n -P list assoc user=root format=account | grep -qx "$ACCOUNT" \
-  || fail "root has no association with account $ACCOUNT"
+sacctmgr -n -P list assoc user=root account="$ACCOUNT" format=account | grep -qx "$ACCOUNT" \
+  || sacctmgr -i add user root account="$ACCOUNT" cluster="$CLUSTER" >/dev/null
+sacctmgr -n -P list user root format=defaultaccount | grep -qx "$ACCOUNT" \
+  || sacctmgr -i modify user root set defaultaccount="$ACCOUNT" >/dev/null
+sacctmgr -n -P list assoc user=root account="$ACCOUNT" format=account | grep -qx "$ACCOUNT" \
+  || fail "root has no association with account $ACCOUNT (sacctmgr add user root failed)"
 
 step "start slurmctld" "$STATE/log/slurmctld.log"
 restart_if_changed "$STATE/run/slurmctld.pid" slurmctld
