@@ -8,13 +8,14 @@ the ``train`` rule) is built from its settings, e.g. ``ppo-b0.05``, ``vbon-n8-ex
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline_lib.cdf import CurveFit
 from pipeline_lib.config import ConfigError
-from pipeline_lib.objectives import vbon_beta, vbon_reward_exact, vbon_reward_l1
+
+if TYPE_CHECKING:  # the Snakefile imports this module: keep torch/scipy out of its start-up
+    from pipeline_lib.cdf import CurveFit
 
 PPO_METHODS = ("ppo", "vbon", "bond")
 PREFERENCE_METHODS = ("dpo", "ipo", "bonbon", "bon_sft")
@@ -101,6 +102,8 @@ def pair_sizes(runs: Mapping[str, Mapping[str, Any]]) -> list[int]:
 
 def kl_coefficient(spec: Mapping[str, Any]) -> float:
     """β of the KL penalty: the run's beta for ppo, 1/(n − 1) for vbon and bond."""
+    from pipeline_lib.objectives import vbon_beta
+
     if spec["method"] == "ppo":
         return float(spec["beta"])
     if spec["method"] in ("vbon", "bond"):
@@ -140,6 +143,8 @@ def vbon_rewards(
       so the reward is finite for a response below every cached one. ``exact_scale="n"``
       uses the vBoN code's 1/n scale instead of 1/(n−1).
     """
+    from pipeline_lib.objectives import vbon_reward_exact, vbon_reward_l1
+
     s = np.asarray(sorted_rows, dtype=np.float64)
     m = s.shape[1]
     below, at_or_below = cache_counts(s, rewards)
