@@ -51,6 +51,21 @@ def shard_groups(groups: Sequence[range], n_shards: int, shard: int) -> list[ran
     return list(groups[bounds[shard] : bounds[shard + 1]])
 
 
+def pad_batch(
+    seqs: Sequence[Sequence[int]], pad_id: int, left: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of shape (B, max len): right padding (positions 0..L-1, as in
+    training and log-prob scoring) or left padding (for ``generate``)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        span = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, span] = torch.tensor(list(s), dtype=torch.long)
+        attn[i, span] = 1
+    return ids, attn
+
+
 def _trim(ids: list[int], eos_id: int | None, pad_id: int | None) -> Response:
     if eos_id is not None and eos_id in ids:
         cut = ids.index(eos_id)
@@ -77,12 +92,8 @@ class HFBackend:
         """``m`` samples for each prompt (one generate call for the whole group)."""
         tok = self.tokenizer
         pad_id = tok.pad_token_id
-        width = max(len(p) for p in prompt_ids)
-        input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
-        attention = torch.zeros_like(input_ids)
-        for i, p in enumerate(prompt_ids):  # left padding
-            input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            attention[i, width - len(p) :] = 1
+        input_ids, attention = pad_batch(prompt_ids, pad_id, left=True)
+        width = input_ids.shape[1]
         torch.manual_seed(seed)
         out = self.model.generate(
             input_ids=input_ids.to(self.device),
@@ -124,13 +135,9 @@ def sequence_logprobs(
         ps = prompt_ids[start : start + batch_size]
         rs = response_ids[start : start + batch_size]
         full = [list(p) + list(r) for p, r in zip(ps, rs, strict=True)]
-        width = max(len(f) for f in full)
-        ids = torch.full((len(full), width), pad_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        resp_mask = torch.zeros((len(full), width), dtype=torch.bool)
+        ids, attn = pad_batch(full, pad_id)
+        resp_mask = torch.zeros(ids.shape, dtype=torch.bool)
         for i, (p, f) in enumerate(zip(ps, full, strict=True)):
-            ids[i, : len(f)] = torch.tensor(f, dtype=torch.long)
-            attn[i, : len(f)] = 1
             resp_mask[i, len(p) : len(f)] = True
         ids, attn = ids.to(device), attn.to(device)
         logits = model(input_ids=ids, attention_mask=attn).logits.float()

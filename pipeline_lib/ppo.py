@@ -99,6 +99,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pipeline_lib.generation import pad_batch
 from pipeline_lib.losses import bond_loss
 from pipeline_lib.modeling import encode_prompt
 from pipeline_lib.objectives import (
@@ -115,6 +116,7 @@ from pipeline_lib.objectives import (
     whiten,
 )
 from pipeline_lib.seeding import derive_seed
+from pipeline_lib.training import _accelerator
 
 __all__ = [
     "PPOConfig",
@@ -550,15 +552,6 @@ def load_checkpoint_policy(checkpoint_dir: str | Path, device: str = "cpu"):
 # ============================================================================================
 
 
-def _accelerator(cfg: PPOConfig):
-    from accelerate import Accelerator
-
-    return Accelerator(
-        cpu=cfg.device == "cpu" or not torch.cuda.is_available(),
-        mixed_precision=cfg.mixed_precision,
-    )
-
-
 def _generation_config(cfg: PPOConfig, tokenizer, pad_id: int):
     from transformers import GenerationConfig
 
@@ -577,12 +570,8 @@ def _generation_config(cfg: PPOConfig, tokenizer, pad_id: int):
 
 @torch.no_grad()
 def _generate(policy, prompt_ids: Sequence[Sequence[int]], gen_cfg, pad_id: int, eos_id, device):
-    width = max(len(p) for p in prompt_ids)
-    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
-    attention = torch.zeros_like(input_ids)
-    for i, p in enumerate(prompt_ids):  # left padding for generation
-        input_ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
-        attention[i, width - len(p) :] = 1
+    input_ids, attention = pad_batch(prompt_ids, pad_id, left=True)
+    width = input_ids.shape[1]
     out = policy.generate(
         input_ids=input_ids.to(device),
         attention_mask=attention.to(device),
@@ -684,7 +673,7 @@ def train_ppo(
     if pad_id is None:
         raise ValueError("the tokenizer needs a pad or eos token")
 
-    acc = _accelerator(cfg)
+    acc = _accelerator({"device": cfg.device, "mixed_precision": cfg.mixed_precision})
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir is not None else None
     resume_from = _find_checkpoint(ckpt_root) if ckpt_root is not None else None
 

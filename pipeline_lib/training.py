@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline_lib.generation import pad_batch
 from pipeline_lib.losses import bradley_terry_loss
 from pipeline_lib.modeling import encode_prompt
 
@@ -42,13 +43,7 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarr
 
 
 def _pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        attn[i, : len(s)] = 1
-    return ids, attn
+    return pad_batch(seqs, pad_id)
 
 
 def encode_lm_texts(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
