@@ -17,9 +17,15 @@ PAD = "<pad>"
 
 
 def pick_device(requested: str = "auto") -> torch.device:
-    """``auto`` → cuda when available, else cpu."""
+    """``auto`` → cuda when available, else cpu. Under ``accelerate launch`` (``LOCAL_RANK``
+    set) a CUDA device is this process's own GPU, ``cuda:<LOCAL_RANK>``."""
+    import os
+
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    local_rank = os.environ.get("LOCAL_RANK")
+    if requested == "cuda" and local_rank is not None:
+        return torch.device(f"cuda:{int(local_rank)}")
     return torch.device(requested)
 
 

@@ -262,16 +262,24 @@ def _masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> t
 
 
 def whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    moments: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Masked whitening: (x - mean) / sqrt(var + eps) over the valid (mask == 1) entries.
 
-    mean and (Bessel-corrected) var are masked statistics over the whole batch. With
+    mean and (Bessel-corrected) var are masked statistics over the whole batch, or the given
+    ``moments`` = (mean, var) (e.g. over the rollouts of every process). With
     ``shift_mean=False`` the mean is added back (scale only), as for PPO rewards. Masked-out
     positions are set to 0.
     """
-    mean = masked_mean(x, mask)
-    var = _masked_var(x, mask)
+    if moments is None:
+        mean, var = masked_mean(x, mask), _masked_var(x, mask)
+    else:
+        mean = torch.as_tensor(moments[0], dtype=x.dtype, device=x.device)
+        var = torch.as_tensor(moments[1], dtype=x.dtype, device=x.device)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -73,9 +73,20 @@ per-token entropy of the sampling policy), ``kl_coef`` (the beta used for this r
 ``response_length`` (mean tokens, EOS included), ``prompts_seen`` and ``elapsed_s``. KL and
 entropy use the tempered log-probs (identical to the model's at ``temperature = 1``).
 
-Nothing assumes a GPU: ``accelerate`` places the model and applies mixed precision. One process
-(one device) is assumed; ``accelerate``'s state is process-global, so one process cannot switch
-``mixed_precision`` between calls (as for the other training loops).
+Nothing assumes a GPU: ``accelerate`` places the model and applies mixed precision;
+``accelerate``'s state is process-global, so one process cannot switch ``mixed_precision``
+between calls (as for the other training loops).
+
+**Several processes** (``accelerate launch``, DDP or DeepSpeed ZeRO-2/3): ``rollout_batch_size``
+and ``minibatch_size`` are *global* sizes and must be multiples of the number of processes W.
+Every rank draws the same prompt indices and minibatch orders (the numpy generator is seeded
+alike), generates and scores its contiguous share B/W of the rollout (its own torch seed), and
+optimises on minibatches of mb/W of its own rows; gradients are averaged over ranks. Advantages
+are whitened with the mean and variance over all ranks' tokens; the KL controller and every
+logged statistic use values reduced over ranks, so the log has one row per step, written by the
+main process, which also writes the checkpoints (under ZeRO-3 the weights are gathered first;
+each rank keeps its optimizer shard, see :mod:`pipeline_lib.checkpoints`). The frozen reference
+is a full copy on every rank. With W = 1 everything is as described above.
 """
 
 from __future__ import annotations
@@ -85,9 +96,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -99,6 +107,23 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pipeline_lib.checkpoints import (
+    clear_stale,
+    find_checkpoint,
+    load_optimizer,
+    load_rng,
+    load_weights_dir,
+    save_checkpoint,
+)
+from pipeline_lib.distributed import (
+    configure_deepspeed,
+    full_state_dict,
+    is_zero3,
+    rank_slice,
+    reduce_sums,
+    unsharded_model,
+    whiten_moments,
+)
 from pipeline_lib.generation import pad_batch
 from pipeline_lib.losses import bond_loss
 from pipeline_lib.modeling import encode_prompt
@@ -449,92 +474,28 @@ class _Cycler:
 # ============================================================================================
 
 
-def _torch_rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_torch_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        cuda = list(state["cuda"])
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-        else:
-            log.warning("checkpoint has %d CUDA RNG states for %d devices; not restored",
-                        len(cuda), torch.cuda.device_count())
-
-
-def _save_checkpoint(
-    checkpoint_dir: Path,
-    policy: nn.Module,
-    value_head: nn.Module,
-    optimizer,
-    trainer_state: Mapping[str, Any],
-) -> Path:
-    """Write ``checkpoint_dir/last`` atomically (tmp dir + ``os.replace``)."""
-    from safetensors.torch import save_file
-
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".last.tmp-", dir=checkpoint_dir))
-    last, old = checkpoint_dir / "last", checkpoint_dir / "last.old"
-    try:
-        os.chmod(tmp, 0o755)
-        policy.save_pretrained(tmp / "policy", safe_serialization=True)
-        save_file(
-            {k: v.detach().float().cpu().contiguous() for k, v in value_head.state_dict().items()},
-            str(tmp / "value_head.safetensors"),
-        )
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(_torch_rng_state(), tmp / "rng.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
-        if old.exists():
-            shutil.rmtree(old)
-        if last.exists():
-            os.replace(last, old)
-        os.replace(tmp, last)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return last
+_MARKER = "trainer_state.json"
 
 
 def _find_checkpoint(checkpoint_dir: Path) -> Path | None:
     """``last`` (or ``last.old`` when a save died between its two renames); clears tmp dirs."""
-    if not checkpoint_dir.exists():
-        return None
-    for stale in checkpoint_dir.glob(".last.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    for name in ("last", "last.old"):
-        path = checkpoint_dir / name
-        if (path / "trainer_state.json").exists():
-            return path
-    return None
+    clear_stale(checkpoint_dir)
+    return find_checkpoint(checkpoint_dir, _MARKER)
 
 
-def _load_policy_weights(policy: nn.Module, policy_dir: Path) -> None:
-    """Load ``save_pretrained`` safetensors (single or sharded) into ``policy`` in place."""
-    from safetensors.torch import load_file
+def _write_checkpoint_files(tmp: Path, model: PolicyWithValueHead, weights: Mapping[str, Any],
+                            trainer_state: Mapping[str, Any]) -> None:
+    """The PPO trainer's part of a checkpoint (see :func:`pipeline_lib.checkpoints.save_checkpoint`):
+    ``policy/`` (save_pretrained), ``value_head.safetensors`` and, last, the marker JSON."""
+    from safetensors.torch import save_file
 
-    files = sorted(policy_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no safetensors weights in {policy_dir}")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f), device="cpu"))
-    missing, unexpected = policy.load_state_dict(state, strict=False)
-    if unexpected:
-        raise ValueError(f"checkpoint {policy_dir} has unexpected weights: {unexpected[:5]}")
-    # Tied weights (e.g. lm_head = wte) are saved once; anything else missing is an error.
-    params = dict(policy.named_parameters(remove_duplicate=False))
-    loaded_ptrs = {params[k].data_ptr() for k in state if k in params}
-    # (keys that are not parameters are buffers, which may legitimately be non-persistent)
-    really_missing = [k for k in missing if k in params and params[k].data_ptr() not in loaded_ptrs]
-    if really_missing:
-        raise ValueError(f"checkpoint {policy_dir} lacks weights: {really_missing[:5]}")
+    policy_sd = {k[len("policy."):]: v for k, v in weights.items() if k.startswith("policy.")}
+    head_sd = {k[len("value_head."):]: v for k, v in weights.items()
+               if k.startswith("value_head.")}
+    model.policy.save_pretrained(tmp / "policy", state_dict=policy_sd, safe_serialization=True)
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in head_sd.items()},
+              str(tmp / "value_head.safetensors"))
+    (tmp / _MARKER).write_text(json.dumps(trainer_state))
 
 
 def load_checkpoint_policy(checkpoint_dir: str | Path, device: str = "cpu"):
@@ -569,13 +530,17 @@ def _generation_config(cfg: PPOConfig, tokenizer, pad_id: int):
 
 
 @torch.no_grad()
-def _generate(policy, prompt_ids: Sequence[Sequence[int]], gen_cfg, pad_id: int, eos_id, device):
+def _generate(policy, prompt_ids: Sequence[Sequence[int]], gen_cfg, pad_id: int, eos_id, device,
+              synced: bool = False):
+    """Sample one response per prompt. ``synced``: keep stepping until every rank is done
+    (needed under ZeRO-3, where each forward gathers weights from all ranks)."""
     input_ids, attention = pad_batch(prompt_ids, pad_id, left=True)
     width = input_ids.shape[1]
     out = policy.generate(
         input_ids=input_ids.to(device),
         attention_mask=attention.to(device),
         generation_config=gen_cfg,
+        synced_gpus=synced,
     )
     return [_trim_response(g, eos_id) for g in out[:, width:].cpu().tolist()]
 
@@ -674,6 +639,11 @@ def train_ppo(
         raise ValueError("the tokenizer needs a pad or eos token")
 
     acc = _accelerator({"device": cfg.device, "mixed_precision": cfg.mixed_precision})
+    world, rank = acc.num_processes, acc.process_index
+    for key in ("rollout_batch_size", "minibatch_size"):
+        if int(getattr(cfg, key)) % world:
+            raise ValueError(f"PPOConfig: {key} ({getattr(cfg, key)}) must be a multiple of the "
+                             f"{world} training processes")
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir is not None else None
     resume_from = _find_checkpoint(ckpt_root) if ckpt_root is not None else None
 
@@ -684,8 +654,12 @@ def train_ppo(
 
     state: dict[str, Any] | None = None
     if resume_from is not None:
-        state = json.loads((resume_from / "trainer_state.json").read_text())
-        _load_policy_weights(policy, resume_from / "policy")
+        state = json.loads((resume_from / _MARKER).read_text())
+        if int(state.get("processes", 1)) != world:
+            raise ValueError(
+                f"cannot resume {resume_from}: written by {state.get('processes', 1)} "
+                f"process(es), this run has {world}; use a fresh checkpoint_dir")
+        load_weights_dir(policy, resume_from / "policy")
         _warn_config_changes(state, cfg, seed)
 
     model = PolicyWithValueHead(policy)
@@ -699,11 +673,12 @@ def train_ppo(
     model.eval()  # no dropout: the PPO ratio must be 1 at the first update (see module doc)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=float(cfg.lr), weight_decay=float(cfg.weight_decay))
+    configure_deepspeed(acc, int(cfg.minibatch_size) // world, MAX_GRAD_NORM)
     model, optimizer = acc.prepare(model, optimizer)
     model.eval()
     if resume_from is not None:
-        optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", weights_only=True))
-        _set_torch_rng_state(torch.load(resume_from / "rng.pt", weights_only=True))
+        load_optimizer(acc, optimizer, resume_from)
+        load_rng(acc, resume_from)
 
     if cfg.adaptive_kl:
         kl_ctl: FixedKLController | AdaptiveKLController = AdaptiveKLController(
@@ -725,7 +700,8 @@ def train_ppo(
         rows = list(state["rows"])
         log.info("resuming PPO from %s at step %d", resume_from, step)
     else:
-        torch.manual_seed(derive_seed(seed, "ppo", "torch"))
+        # each rank samples its own responses (rank 0 keeps the one-process seed)
+        torch.manual_seed(derive_seed(seed, "ppo", "torch", *([rank] if rank else [])))
 
     prompt_ids = [encode_prompt(tokenizer, t) for t in prompts]
     gen_cfg = _generation_config(cfg, tokenizer, pad_id)
@@ -744,49 +720,65 @@ def train_ppo(
             "rows": rows,
             "config": dataclasses.asdict(cfg),
             "seed": int(seed),
+            "processes": world,
             "elapsed_s": elapsed_before + time.perf_counter() - t0,
         }
 
     def checkpoint() -> None:
-        if ckpt_root is not None:
-            _save_checkpoint(ckpt_root, unwrapped.policy, unwrapped.value_head, optimizer,
-                             trainer_state())
+        if ckpt_root is None:
+            return
+        weights = full_state_dict(acc, model)  # a collective under ZeRO-3
+        meta = trainer_state()
+        save_checkpoint(acc, ckpt_root, optimizer,
+                        lambda tmp: _write_checkpoint_files(tmp, unwrapped, weights, meta))
 
-    bar = tqdm(total=total, initial=min(step, total), desc="ppo", unit="step", mininterval=5.0)
+    bar = tqdm(total=total, initial=min(step, total), desc="ppo", unit="step", mininterval=5.0,
+               disable=not acc.is_main_process)
     saved_at = step
-    mb = int(cfg.minibatch_size)
-    b_size = int(cfg.rollout_batch_size)
+    mb, b_size = int(cfg.minibatch_size), int(cfg.rollout_batch_size)
+    mb_local, b_local = mb // world, b_size // world
+    mine = rank_slice(b_size, rank, world)
+    synced = is_zero3(acc)
     while step < total:
         # ---------------------------------------------------------------- rollout
-        idx = prompt_cycler.take(b_size, rng)
+        idx = prompt_cycler.take(b_size, rng)[mine]  # every rank draws alike, keeps its share
         batch_prompts = [prompt_ids[i] for i in idx]
-        responses = _generate(unwrapped.policy, batch_prompts, gen_cfg, pad_id, eos_id, acc.device)
+        responses = _generate(unwrapped.policy, batch_prompts, gen_cfg, pad_id, eos_id,
+                              acc.device, synced=synced)
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         scores = np.asarray(reward_fn(idx.copy(), list(texts), [list(r) for r in responses]),
                             dtype=np.float64)
-        if scores.shape != (b_size,) or not np.all(np.isfinite(scores)):
+        if scores.shape != (b_local,) or not np.all(np.isfinite(scores)):
             raise ValueError(
-                f"reward_fn must return {b_size} finite rewards, got shape {scores.shape}"
-                + ("" if scores.shape != (b_size,) else " with non-finite values"))
+                f"reward_fn must return {b_local} finite rewards, got shape {scores.shape}"
+                + ("" if scores.shape != (b_local,) else " with non-finite values"))
         batch = _make_batch(batch_prompts, responses, pad_id).to(acc.device)
         mask = batch.mask
         old_logp, old_values, ref_logp, ent_sum = _score_rollout(
-            model, ref, batch, float(cfg.temperature), mb, acc)
+            model, ref, batch, float(cfg.temperature), mb_local, acc)
         beta = kl_ctl.value
         seq_reward = torch.as_tensor(scores, dtype=torch.float32, device=acc.device)
         rewards = token_rewards(seq_reward, old_logp, ref_logp, mask, beta, cfg.reward_clip)
         adv, returns = gae_advantages(rewards, old_values, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages and float(mask.sum()) > 1:
-            adv = whiten(adv, mask)
+        if cfg.whiten_advantages:
+            if world == 1:
+                if float(mask.sum()) > 1:
+                    adv = whiten(adv, mask)
+            else:
+                am = adv * mask
+                s_x, s_x2, n_tok = reduce_sums(acc, [am.sum(), (am * adv).sum(), mask.sum()])
+                if n_tok > 1:
+                    adv = whiten(adv, mask, moments=whiten_moments(s_x, s_x2, n_tok))
 
         # ---------------------------------------------------------------- optimisation
         stats: dict[str, list[float]] = {k: [] for k in (
             "loss", "policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl",
             "grad_norm", "sft_nll")}
         for _ in range(int(cfg.ppo_epochs)):
-            perm = rng.permutation(b_size)
-            for s in range(0, b_size, mb):
-                rows_idx = torch.as_tensor(perm[s : s + mb], dtype=torch.long, device=acc.device)
+            perm = rng.permutation(b_local)
+            for s in range(0, b_local, mb_local):
+                rows_idx = torch.as_tensor(perm[s : s + mb_local], dtype=torch.long,
+                                           device=acc.device)
                 sub = batch.rows(rows_idx)
                 t_len = sub.mask.shape[1]
                 logits, values = model(sub.input_ids, sub.attention_mask)
@@ -800,7 +792,8 @@ def train_ppo(
                     cfg.value_clip)
                 loss = pl + cfg.vf_coef * vl
                 if use_sft:
-                    ex = [sft_examples[i] for i in sft_cycler.take(mb, rng)]
+                    take = sft_cycler.take(mb, rng)[rank_slice(mb, rank, world)]
+                    ex = [sft_examples[i] for i in take]
                     sft_batch = _make_batch([p for p, _ in ex], [r for _, r in ex], pad_id)
                     nll = _sequence_nll(model, sft_batch.to(acc.device)).mean()
                     loss = bond_loss(nll, loss, 1.0 - cfg.sft_weight)
@@ -815,40 +808,53 @@ def train_ppo(
                 stats["clipfrac"].append(float(clipfrac))
                 stats["value_clipfrac"].append(float(vclipfrac))
                 stats["approx_kl"].append(float(approx_kl))
-                stats["grad_norm"].append(float(grad_norm))
+                stats["grad_norm"].append(float(grad_norm) if grad_norm is not None else 0.0)
 
         # ---------------------------------------------------------------- bookkeeping
         with torch.no_grad():
             kl_tok = kl_k1(old_logp, ref_logp) * mask
-            kl_seq = float(kl_tok.sum(dim=1).mean())
-            kl3 = float(masked_mean(kl_k3(old_logp, ref_logp), mask))
+            k3_tok = torch.where(mask.bool(), kl_k3(old_logp, ref_logp), torch.zeros_like(mask))
+            local = [kl_tok.sum(), k3_tok.sum(), mask.sum(), ent_sum, float(scores.sum())]
+            if world == 1:
+                kl_seq = float(kl_tok.sum(dim=1).mean())
+                kl3 = float(masked_mean(kl_k3(old_logp, ref_logp), mask))
+                n_tok, ent_total, score_mean = float(mask.sum()), ent_sum, float(scores.mean())
+            else:
+                kl_total, k3_total, n_tok, ent_total, score_total = reduce_sums(acc, local)
+                kl_seq, kl3 = kl_total / b_size, k3_total / n_tok
+                score_mean = score_total / b_size
         kl_ctl.update(kl_seq, b_size)
         step += 1
         bar.update(1)
         if step % int(cfg.log_every) == 0 or step == total:
+            means = {k: float(np.mean(v)) for k, v in stats.items() if v}
+            if world > 1:  # per-update statistics: the mean over ranks
+                keys = sorted(means)
+                means = dict(zip(keys, (v / world for v in reduce_sums(
+                    acc, [means[k] for k in keys])), strict=True))
             row = dict(
                 step=step,
-                loss=float(np.mean(stats["loss"])),
-                policy_loss=float(np.mean(stats["policy_loss"])),
-                value_loss=float(np.mean(stats["value_loss"])),
-                reward=float(scores.mean()),
-                score=float(scores.mean()),
+                loss=means["loss"],
+                policy_loss=means["policy_loss"],
+                value_loss=means["value_loss"],
+                reward=score_mean,
+                score=score_mean,
                 kl_k1=kl_seq,
                 kl_k3=kl3,
-                entropy=ent_sum / float(mask.sum()),
+                entropy=ent_total / n_tok,
                 kl_coef=float(beta),
                 lr=float(optimizer.param_groups[0]["lr"]),
-                clipfrac=float(np.mean(stats["clipfrac"])),
-                value_clipfrac=float(np.mean(stats["value_clipfrac"])),
-                approx_kl=float(np.mean(stats["approx_kl"])),
-                grad_norm=float(np.mean(stats["grad_norm"])),
-                sft_nll=float(np.mean(stats["sft_nll"])) if stats["sft_nll"] else None,
-                response_length=float(mask.sum(dim=1).mean()),
+                clipfrac=means["clipfrac"],
+                value_clipfrac=means["value_clipfrac"],
+                approx_kl=means["approx_kl"],
+                grad_norm=means["grad_norm"],
+                sft_nll=means.get("sft_nll"),
+                response_length=n_tok / b_size,
                 prompts_seen=step * b_size,
                 elapsed_s=elapsed_before + time.perf_counter() - t0,
             )
             rows.append(row)
-            if on_log is not None:
+            if on_log is not None and acc.is_main_process:
                 on_log(row)
         if cfg.checkpoint_every and step % int(cfg.checkpoint_every) == 0 and step < total:
             checkpoint()
@@ -856,7 +862,10 @@ def train_ppo(
     bar.close()
     if ckpt_root is not None and (saved_at != step or resume_from is None):
         checkpoint()
-    final = acc.unwrap_model(model).policy
+    full = unsharded_model(acc, model, lambda: PolicyWithValueHead(copy.deepcopy(ref).cpu()))
+    if full is None:  # a non-main rank under ZeRO-3
+        return rows, None
+    final = full.policy
     for p in final.parameters():
         p.requires_grad_(True)
     return rows, final.eval()

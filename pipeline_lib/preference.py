@@ -36,7 +36,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -49,6 +48,23 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from pipeline_lib.checkpoints import (
+    find_checkpoint,
+    load_optimizer,
+    load_rng,
+    load_torch,
+    load_weights_dir,
+    save_checkpoint,
+    write_json,
+)
+from pipeline_lib.distributed import (
+    configure_deepspeed,
+    full_state_dict,
+    global_mean_scale,
+    rank_slice,
+    reduce_sums,
+    unsharded_model,
+)
 from pipeline_lib.losses import bonbon_beta, bonbon_loss, dpo_loss, ipo_loss, sft_loss
 from pipeline_lib.modeling import encode_prompt
 from pipeline_lib.training import _accelerator, _pad, _scheduler
@@ -434,80 +450,14 @@ def _encode_pairs(pairs: pl.DataFrame, tokenizer, max_positions: int | None) -> 
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints (layout and atomic swap: pipeline_lib.checkpoints; marker file: state.json)
 # --------------------------------------------------------------------------------------------
 
-_LAST, _TMP, _OLD = "last", ".last.tmp", ".last.old"
-
-
-def _save_checkpoint(
-    directory: Path, model, tokenizer, optimizer, scheduler, scaler, state: dict,
-    rows: list[dict],
-) -> None:
-    """Write checkpoint_dir/last atomically: build .last.tmp, then swap it in by renames.
-
-    A directory cannot be ``os.replace``d onto a non-empty one, so the old ``last`` is first
-    renamed to ``.last.old``; a crash between the two renames leaves ``.last.old``, which
-    :func:`_find_checkpoint` falls back to.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp, last, old = directory / _TMP, directory / _LAST, directory / _OLD
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
-    if scaler is not None:
-        torch.save(scaler.state_dict(), tmp / "scaler.pt")
-    (tmp / "log_rows.json").write_text(json.dumps(rows))
-    # state.json last: its presence marks a complete checkpoint.
-    (tmp / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
-    if last.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(last, old)
-    os.replace(tmp, last)
-    if old.exists():
-        shutil.rmtree(old)
+_MARKER = "state.json"
 
 
 def _find_checkpoint(directory: Path) -> Path | None:
-    for name in (_LAST, _OLD):
-        path = directory / name
-        if (path / "state.json").exists():
-            return path
-    return None
-
-
-def _load_weights(model, path: Path) -> None:
-    from safetensors.torch import load_file
-
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"checkpoint {path} has no *.safetensors weights")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(f))
-    result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
-        raise ValueError(f"checkpoint {path} has unexpected weights {result.unexpected_keys[:5]}")
-    # Keys left out by save_pretrained must be tied to (share storage with) a loaded weight.
-    current = model.state_dict()
-    loaded_ptrs = {current[k].data_ptr() for k in state if k in current}
-    untied = [k for k in result.missing_keys if current[k].data_ptr() not in loaded_ptrs]
-    if untied:
-        raise ValueError(f"checkpoint {path} lacks weights {untied[:5]}")
-
-
-def _load_torch(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return find_checkpoint(directory, _MARKER)
 
 
 # --------------------------------------------------------------------------------------------
@@ -540,11 +490,16 @@ def train_preference(
             at step k + 1 with the saved weights, optimizer, scheduler and RNG states and log
             rows). A resumed run must keep the loss/optimiser settings; ``max_steps`` / ``epochs``
             may grow (the linear LR schedule is then re-based on the new total).
-        on_log: called with each new log row.
+        on_log: called with each new log row (on the main process).
 
     Returns:
         (all log rows including those restored from a checkpoint, the trained model unwrapped
-        from accelerate).
+        from accelerate; None on the non-main ranks under ZeRO-3).
+
+    **Several processes** (``accelerate launch``): ``batch_size`` is the *global* batch; each
+    rank takes a contiguous slice of it (:func:`pipeline_lib.distributed.rank_slice`) and its
+    loss is ``sum(local losses) * world / batch``, so the averaged gradient is the gradient of
+    the global batch mean, as in one process. Logged statistics are reduced over ranks.
 
     Each row (every ``log_every`` steps and the last) describes the batch of that step *before*
     its update: step, split ("train"), epoch (fractional), loss, lr (after the step), tokens
@@ -569,45 +524,47 @@ def train_preference(
     if cfg.max_steps:
         total = min(total, int(cfg.max_steps))
 
+    acc = _accelerator({"device": cfg.device, "mixed_precision": cfg.mixed_precision})
+    world, rank = acc.num_processes, acc.process_index
     cfg_dict = dataclasses.asdict(cfg)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     resume = _find_checkpoint(ckpt_dir) if ckpt_dir is not None else None
     state: dict[str, Any] = {}
     rows: list[dict] = []
     if resume is not None:
-        state = json.loads((resume / "state.json").read_text())
+        state = json.loads((resume / _MARKER).read_text())
         changed = {k: (state["config"].get(k), cfg_dict[k]) for k in _RESUME_INVARIANT
                    if state["config"].get(k) != cfg_dict[k]}
         if state.get("seed") != seed:
             changed["seed"] = (state.get("seed"), seed)
         if state.get("n_pairs") != n_pairs:
             changed["n_pairs"] = (state.get("n_pairs"), n_pairs)
+        if state.get("processes", 1) != world:
+            changed["processes"] = (state.get("processes", 1), world)
         if changed:
             raise ValueError(
                 f"cannot resume from {resume}: settings differ (checkpoint, now): {changed}; "
                 "use a fresh checkpoint_dir"
             )
-        _load_weights(policy, resume)
+        load_weights_dir(policy, resume)
         rows = json.loads((resume / "log_rows.json").read_text())
         log.info("resuming %s from %s at step %d", cfg.method, resume, state["step"] + 1)
     else:
-        torch.manual_seed(seed)
+        torch.manual_seed(seed + rank)
 
-    acc = _accelerator({"device": cfg.device, "mixed_precision": cfg.mixed_precision})
+    model_config = policy.config
     optimizer = torch.optim.AdamW(policy.parameters(), lr=float(cfg.lr),
                                   weight_decay=float(cfg.weight_decay))
     scheduler = _scheduler(optimizer, int(cfg.warmup_steps), total)
+    configure_deepspeed(acc, math.ceil(bs / world), cfg.max_grad_norm)
     model, optimizer, scheduler = acc.prepare(policy, optimizer, scheduler)
     step, tokens, pairs_seen, elapsed0 = 0, 0, 0, 0.0
     if resume is not None:
-        optimizer.load_state_dict(_load_torch(resume / "optimizer.pt"))
-        scheduler.load_state_dict(_load_torch(resume / "scheduler.pt"))
-        rng = _load_torch(resume / "rng.pt")
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        load_optimizer(acc, optimizer, resume)
+        scheduler.load_state_dict(load_torch(resume / "scheduler.pt"))
+        load_rng(acc, resume)
         if acc.scaler is not None and (resume / "scaler.pt").exists():
-            acc.scaler.load_state_dict(_load_torch(resume / "scaler.pt"))
+            acc.scaler.load_state_dict(load_torch(resume / "scaler.pt"))
         step, tokens, pairs_seen = int(state["step"]), int(state["tokens"]), int(state["pairs"])
         elapsed0 = float(state["elapsed_s"])
     if cfg.disable_dropout:
@@ -622,19 +579,32 @@ def train_preference(
     def checkpoint() -> None:
         if ckpt_dir is None:
             return
-        _save_checkpoint(
-            ckpt_dir, unwrapped, tokenizer, optimizer, scheduler, acc.scaler,
-            dict(step=step, tokens=tokens, pairs=pairs_seen, elapsed_s=time.perf_counter() - t0,
-                 total=total, seed=seed, n_pairs=n_pairs, config=cfg_dict, beta=beta_used),
-            rows,
-        )
+        weights = full_state_dict(acc, model)  # a collective under ZeRO-3
+        meta = dict(step=step, tokens=tokens, pairs=pairs_seen, total=total, seed=seed,
+                    n_pairs=n_pairs, config=cfg_dict, beta=beta_used, processes=world,
+                    elapsed_s=time.perf_counter() - t0)
+
+        def write_main(tmp: Path) -> None:
+            unwrapped.save_pretrained(tmp, state_dict=weights)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            if acc.scaler is not None:
+                torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
+            (tmp / "log_rows.json").write_text(json.dumps(rows))
+            write_json(tmp / _MARKER, meta)  # last: its presence marks a complete checkpoint
+
+        save_checkpoint(acc, ckpt_dir, optimizer, write_main)
+
+    def final_model():
+        return unsharded_model(acc, model, lambda: _empty_causal_lm(model_config))
 
     if step >= total:
         log.info("checkpoint is at step %d >= %d steps: nothing to train", step, total)
-        return rows, unwrapped
+        return rows, final_model()
 
     bar = tqdm(total=total, initial=step, desc=f"{cfg.method} seed {seed}", unit="step",
-               mininterval=5.0)
+               mininterval=5.0, disable=not acc.is_main_process)
     ref_c = torch.as_tensor(data.ref_chosen, dtype=torch.float64)
     ref_r = torch.as_tensor(data.ref_rejected, dtype=torch.float64)
     while step < total:
@@ -642,13 +612,21 @@ def train_preference(
         order = np.random.default_rng([int(seed), epoch]).permutation(n_pairs)
         idx = order[pos * bs : (pos + 1) * bs]
         b = len(idx)
-        prompts = [data.prompt_ids[i] for i in idx]
-        responses = [data.chosen_ids[i] for i in idx] + [data.rejected_ids[i] for i in idx]
+        local = idx[rank_slice(b, rank, world)]
+        # A rank left without pairs (b < world) still runs one forward/backward, weighted 0,
+        # so that every rank joins the gradient all-reduce.
+        weight = 1.0 if len(local) else 0.0
+        if not len(local):
+            local = idx[:1]
+        nb = len(local)
+        prompts = [data.prompt_ids[i] for i in local]
+        responses = [data.chosen_ids[i] for i in local] + [data.rejected_ids[i] for i in local]
         logps = policy_logprobs(model, prompts + prompts, responses, pad_id, acc.device)
         logps = logps.double()
-        pc, pr = logps[:b], logps[b:]
-        rc, rr = ref_c[idx].to(logps.device), ref_r[idx].to(logps.device)
-        loss = preference_loss(cfg, pc, pr, rc, rr).mean()
+        pc, pr = logps[:nb], logps[nb:]
+        rc, rr = ref_c[local].to(logps.device), ref_r[local].to(logps.device)
+        per_pair = preference_loss(cfg, pc, pr, rc, rr) * weight
+        loss = per_pair.sum() * global_mean_scale(b, world)
         acc.backward(loss)
         grad_norm = None
         if cfg.max_grad_norm:
@@ -657,28 +635,36 @@ def train_preference(
         scheduler.step()
         optimizer.zero_grad()
         step += 1
-        tokens += sum(len(p) for p in prompts) * 2 + sum(len(r) for r in responses)
+        tokens += sum(2 * len(data.prompt_ids[i]) + len(data.chosen_ids[i])
+                      + len(data.rejected_ids[i]) for i in idx)
         pairs_seen += b
         bar.update(1)
         if step % int(cfg.log_every) == 0 or step == total:
             with torch.no_grad():
-                hw, hl = (pc - rc).detach(), (pr - rr).detach()
-                row = dict(
-                    step=step, split="train", epoch=step / steps_per_epoch, loss=float(loss),
-                    lr=scheduler.get_last_lr()[0], tokens=tokens, pairs=pairs_seen,
-                    reward_margin=float((hw - hl).mean()),
-                    accuracy=float((hw > hl).double().mean()),
-                    chosen_logp=float(pc.detach().mean()),
-                    rejected_logp=float(pr.detach().mean()),
-                    kl_best_k1=float(hw.mean()),
-                    grad_norm=None if grad_norm is None else float(grad_norm),
-                    elapsed_s=time.perf_counter() - t0,
-                )
+                hw, hl = (pc - rc).detach() * weight, (pr - rr).detach() * weight
+                sums = reduce_sums(acc, [
+                    per_pair.sum(), (hw - hl).sum(), ((hw > hl).double() * weight).sum(),
+                    pc.detach().sum() * weight, pr.detach().sum() * weight, hw.sum()])
+            loss_s, margin_s, right_s, pc_s, pr_s, hw_s = (v / b for v in sums)
+            row = dict(
+                step=step, split="train", epoch=step / steps_per_epoch, loss=loss_s,
+                lr=scheduler.get_last_lr()[0], tokens=tokens, pairs=pairs_seen,
+                reward_margin=margin_s, accuracy=right_s, chosen_logp=pc_s,
+                rejected_logp=pr_s, kl_best_k1=hw_s,
+                grad_norm=None if grad_norm is None else float(grad_norm),
+                elapsed_s=time.perf_counter() - t0,
+            )
             rows.append(row)
-            if on_log:
+            if on_log and acc.is_main_process:
                 on_log(row)
         if step % int(cfg.checkpoint_every) == 0 and step < total:
             checkpoint()
     bar.close()
     checkpoint()
-    return rows, unwrapped
+    return rows, final_model()
+
+
+def _empty_causal_lm(config):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(config)

@@ -22,13 +22,30 @@ from pipeline_lib.modeling import encode_prompt
 
 
 def _accelerator(cfg: Mapping[str, Any]):
-    from accelerate import Accelerator
+    """The job's ``Accelerator``: one process, or one rank of ``accelerate launch``.
+
+    Under ``accelerate launch`` the launcher's config decides DDP or DeepSpeed. DeepSpeed has no
+    CPU switch: on a machine without CUDA it runs on its CPU accelerator, for which accelerate
+    picks no process-group backend itself, so gloo is named here (how the tests run ZeRO-2/3).
+    """
+    from accelerate import Accelerator, DataLoaderConfiguration, PartialState
+
+    from pipeline_lib.distributed import deepspeed_requested
 
     device = cfg.get("device", "auto")
-    return Accelerator(
-        cpu=device == "cpu" or not torch.cuda.is_available(),
-        mixed_precision=cfg.get("mixed_precision", "no"),
-    )
+    cpu = device == "cpu" or not torch.cuda.is_available()
+    if deepspeed_requested():
+        if device == "cpu" and torch.cuda.is_available():
+            raise ValueError(
+                "config key device is 'cpu' but the accelerate config uses DeepSpeed, which "
+                "trains on the GPUs; use device: auto or a DDP / single-process config")
+        if cpu:
+            PartialState(backend="gloo")
+        cpu = False
+    # split_batches: a step's batch is global and split over the ranks, so the LR scheduler
+    # steps once per step (not once per process).
+    return Accelerator(cpu=cpu, mixed_precision=cfg.get("mixed_precision", "no"),
+                       dataloader_config=DataLoaderConfiguration(split_batches=True))
 
 
 def _scheduler(optimizer, warmup: int, total: int):
