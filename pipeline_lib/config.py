@@ -59,6 +59,9 @@ def check_config(config: Mapping[str, Any]) -> None:
     from pipeline_lib.methods import method_runs  # validates every method run
 
     method_runs(config)
+    from pipeline_lib.launch import check_launch
+
+    check_launch(config)
     pol = config["policy"]
     if base == "scratch" and pol["n_embd"] % pol["n_head"]:
         raise ConfigError(

@@ -587,7 +587,53 @@ def run_train(
     pairs_path: PathLike | None = None,
     threads: int | None = None,
 ) -> None:
-    """Train one method run from the SFT policy; checkpoints resume a killed job."""
+    """Train one method run from the SFT policy; checkpoints resume a killed job.
+
+    With ``training.launch.accelerate_config`` set, the run is :func:`train_run` in
+    ``training.launch.num_processes`` processes under ``accelerate launch``
+    (:mod:`pipeline_lib.launch`); otherwise it runs in this process.
+    """
+    from pipeline_lib.methods import method_runs
+
+    spec = method_runs(config)[name]
+    ckpt = Path(checkpoint_dir)
+    _checkpoint_guard(ckpt, json.dumps({"spec": spec, "training": config["training"],
+                                        "config_hash": config_hash(config)}, sort_keys=True,
+                                       default=str))
+    kwargs = dict(
+        name=name, policy_dir=str(policy_dir), out_dir=str(out_dir), log_table=str(log_table),
+        checkpoint_dir=str(ckpt),
+        **{k: None if v is None else str(v) for k, v in (
+            ("prompts_path", prompts_path), ("cdf_path", cdf_path),
+            ("rewards_path", rewards_path), ("pairs_path", pairs_path))},
+        reward_models={k: str(v) for k, v in (reward_models or {}).items()},
+    )
+    if config["training"]["launch"]["accelerate_config"] is None:
+        train_run(config, threads=threads, **kwargs)
+    else:
+        from pipeline_lib.launch import run_launched
+
+        run_launched("train", config, kwargs, threads, workdir=ckpt)
+
+
+def train_run(
+    config: Mapping[str, Any],
+    name: str,
+    policy_dir: PathLike,
+    out_dir: PathLike,
+    log_table: PathLike,
+    checkpoint_dir: PathLike,
+    prompts_path: PathLike | None = None,
+    cdf_path: PathLike | None = None,
+    rewards_path: PathLike | None = None,
+    reward_models: Mapping[str, PathLike] | None = None,
+    pairs_path: PathLike | None = None,
+    threads: int | None = None,
+) -> None:
+    """The training of :func:`run_train`, in one process or in each rank of a launch; the
+    main process writes the policy and the log table and removes the checkpoint."""
+    from accelerate import PartialState
+
     from pipeline_lib.methods import PPO_METHODS, kl_coefficient, method_runs
 
     spec = method_runs(config)[name]
@@ -597,9 +643,6 @@ def run_train(
     policy = load_causal_lm(policy_dir, "cpu", "policy")
     train_seed = derive_seed(config["seed"], "train", name)
     ckpt = Path(checkpoint_dir)
-    _checkpoint_guard(ckpt, json.dumps({"spec": spec, "training": config["training"],
-                                        "config_hash": config_hash(config)}, sort_keys=True,
-                                       default=str))
     on_log = lambda r: log.info("%s %s", name, json.dumps(r, default=float))  # noqa: E731
     if method in PPO_METHODS:
         rows, model = _train_ppo_method(config, spec, tokenizer, policy, prompts_path, cdf_path,
@@ -619,10 +662,16 @@ def run_train(
         rows, model = train_preference(policy, tokenizer, pairs, pc, seed=train_seed,
                                        checkpoint_dir=ckpt, on_log=on_log)
         extra = {"beta": effective_beta(pc)}
+    state = PartialState()
+    if not state.is_main_process:
+        return
+    processes = {"processes": state.num_processes,
+                 "accelerate_config": config["training"]["launch"]["accelerate_config"]}
     with atomic_dir(out_dir) as tmp:
         save_model(model, tokenizer, tmp)
     write_table(_policy_log_rows(rows, method), log_table, "policy_log",
-                provenance(config, "train", run=name, method=method, spec=spec, **extra))
+                provenance(config, "train", run=name, method=method, spec=spec, **processes,
+                           **extra))
     shutil.rmtree(ckpt, ignore_errors=True)  # the run is complete: a rerun starts afresh
 
 

@@ -17,7 +17,8 @@ rule pairs:
 
 
 rule train:
-    """One alignment run ({policy} = e.g. vbon-n8-exact) from the SFT policy on the cache."""
+    """One alignment run ({policy} = e.g. vbon-n8-exact) from the SFT policy on the cache; with
+    training.launch set, in num_processes processes (one per GPU) under `accelerate launch`."""
     input:
         unpack(train_inputs),
     output:
@@ -30,7 +31,7 @@ rule train:
         f"{R}/logs/train-{{policy}}.log",
     threads: THREADS
     resources:
-        gpu=GPUS,
+        gpu=TRAIN_GPUS,
         mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=240,
     script:
