@@ -263,3 +263,39 @@ def test_bad_config_fails_at_validation(tmp_path, section, values, message):
 
 def test_schema_names_cover_tables():
     assert set(TABLES.values()) <= set(SCHEMAS)
+
+
+def test_train_jobs_under_accelerate_launch_ddp(run, tmp_path):
+    """training.launch = ddp with 2 processes (on CPU: gloo): `train` jobs run through
+    `accelerate launch`; DPO, whose global batches are split over the ranks, reproduces the
+    one-process run; PPO trains and records how it ran."""
+    from safetensors.torch import load_file
+
+    config = cfg()
+    config["training"]["launch"] = {"accelerate_config": "ddp", "num_processes": 2}
+    config["training"]["ppo"]["minibatch_size"] = 2  # a multiple of the 2 processes
+    configfile = tmp_path / "tiny-ddp.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    workdir = tmp_path / "ddp"
+    shutil.copytree(run.parent.parent / "results", workdir / "results")  # keeps mtimes
+    targets = [f"results/tiny/logs/train-{r}.parquet" for r in ("dpo-n4-b0.1", "ppo-b0.05")]
+    proc = snakemake(workdir, *targets, "--forcerun", "train", configfile=configfile)
+    out = proc.stdout + proc.stderr
+    assert "rule sft:" not in out and "rule sample:" not in out  # only the two train jobs
+    res = workdir / "results/tiny"
+    for r in ("dpo-n4-b0.1", "ppo-b0.05"):
+        log_text = (res / f"logs/train-{r}.log").read_text()
+        assert "launching 2 process(es)" in log_text and "config/accelerate/ddp.yaml" in log_text
+        prov = read_provenance(res / f"logs/train-{r}.parquet")
+        assert prov["processes"] == 2 and prov["accelerate_config"] == "ddp"
+        assert not (res / f"checkpoints/{r}").exists()
+    one = read_polars(run / "logs/train-dpo-n4-b0.1.parquet", "policy_log")
+    two = read_polars(res / "logs/train-dpo-n4-b0.1.parquet", "policy_log")
+    assert one["step"].to_list() == two["step"].to_list()
+    for col in ("loss", "reward_margin", "accuracy", "lr"):
+        assert two[col].to_numpy() == pytest.approx(one[col].to_numpy(), rel=1e-4, abs=1e-5), col
+    wa = load_file(str(run / "policies/dpo-n4-b0.1/model.safetensors"))
+    wb = load_file(str(res / "policies/dpo-n4-b0.1/model.safetensors"))
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
+    ppo = read_polars(res / "logs/train-ppo-b0.05.parquet", "policy_log")
+    assert ppo["step"].to_list() == [1, 2, 3, 4] and ppo["loss"].is_finite().all()

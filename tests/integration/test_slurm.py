@@ -185,7 +185,10 @@ def test_profile_covers_every_rule_and_rules_hold_no_cluster_settings():
     gpu_rules = {name for name, body in blocks.items() if re.search(r"^\s+gpu\s*=", body, re.M)}
     per_rule = profile["set-resources"]
     assert set(per_rule) == rules, "rules without (or unknown rules with) profile resources"
-    assert {r for r, res in per_rule.items() if res.get("gpu", 0) >= 1} == gpu_rules
+    # train's GPU count is the rule's own (training.launch.num_processes), so not in the profile
+    assert "train" in gpu_rules and "gpu" not in per_rule["train"]
+    assert re.search(r"^\s+gpu=TRAIN_GPUS,", blocks["train"], re.M)
+    assert {r for r, res in per_rule.items() if res.get("gpu", 0) >= 1} == gpu_rules - {"train"}
     for rule, res in per_rule.items():
         assert "attempt" in str(res["mem_mb"]) and "attempt" in str(res["runtime"]), rule
         if rule in gpu_rules:

@@ -1,0 +1,127 @@
+"""Train a tiny model with one trainer, in one process or as a rank of ``accelerate launch``.
+
+    python tests/launch/worker.py ARGS.json                                  # one process
+    python -m accelerate.commands.launch --config_file C --num_processes 2 \\
+        tests/launch/worker.py ARGS.json                                     # several
+
+ARGS: {"trainer": "preference" | "ppo", "out": dir, "steps": int, "seed": int,
+       "checkpoint_dir": dir | null, "method": "dpo" | ... (preference only)}.
+The main process writes ``out/weights.safetensors`` (the trained policy) and ``out/rows.json``.
+Model, tokenizer and data are built deterministically from fixed seeds, so every process and
+every run sees the same ones.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+WORDS = list("abcdefghijklmnop")
+PROMPTS = ["a b", "c d e", "f", "g h i j", "k l", "m n o p", "a c e", "b d f"]
+
+
+def tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, "<pad>": 1, "<unk>": 2}
+    for w in WORDS:
+        vocab[w] = len(vocab)
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    t.decoder = decoders.WordPiece(prefix="##")
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def model(tok):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=32,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id)
+    return GPT2LMHeadModel(config).eval()
+
+
+def pairs(tok, policy, n_pairs: int = 11) -> pl.DataFrame:
+    """Random best/worst responses with their reference log-probs under ``policy``."""
+    from pipeline_lib.modeling import encode_prompt
+    from pipeline_lib.preference import policy_logprobs
+
+    rng = np.random.default_rng(0)
+    ids = [tok.convert_tokens_to_ids(w) for w in WORDS]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n_pairs)]
+    best = [[int(x) for x in rng.choice(ids, size=rng.integers(2, 6))] + [tok.eos_token_id]
+            for _ in prompts]
+    worst = [[int(x) for x in rng.choice(ids, size=rng.integers(2, 6))] + [tok.eos_token_id]
+             for _ in prompts]
+    enc = [encode_prompt(tok, p) for p in prompts]
+    with torch.no_grad():
+        ref_b = policy_logprobs(policy, enc, best, tok.pad_token_id).double().numpy()
+        ref_w = policy_logprobs(policy, enc, worst, tok.pad_token_id).double().numpy()
+    return pl.DataFrame({
+        "prompt_id": [f"p{i}" for i in range(n_pairs)], "prompt": prompts,
+        "best_token_ids": best, "worst_token_ids": worst,
+        "best_ref_logprob": ref_b, "worst_ref_logprob": ref_w,
+    })
+
+
+def target_reward(tok, word: str = "c"):
+    target = tok.convert_tokens_to_ids(word)
+
+    def reward_fn(idx, texts, ids):
+        return np.array([np.mean([t == target for t in r]) for r in ids], dtype=np.float64)
+
+    return reward_fn
+
+
+def run(args: dict) -> tuple[list[dict], object]:
+    torch.set_num_threads(1)
+    tok = tokenizer()
+    policy = model(tok)
+    if args["trainer"] == "preference":
+        from pipeline_lib.preference import PreferenceConfig, train_preference
+
+        data = pairs(tok, policy)
+        cfg = PreferenceConfig(method=args.get("method", "dpo"), beta=0.1, batch_size=5,
+                               lr=1e-3, max_steps=args["steps"], epochs=10, checkpoint_every=2,
+                               warmup_steps=1, device="cpu")
+        return train_preference(policy, tok, data, cfg, seed=args["seed"],
+                                checkpoint_dir=args.get("checkpoint_dir"))
+    from pipeline_lib.ppo import PPOConfig, train_ppo
+
+    cfg = PPOConfig(steps=args["steps"], rollout_batch_size=4, minibatch_size=2, ppo_epochs=2,
+                    lr=3e-3, kl_coef=0.01, max_new_tokens=6, checkpoint_every=1, device="cpu",
+                    sft_weight=args.get("sft_weight", 0.0))
+    sft = [([0, 3], [5, 6, 0]), ([0, 4, 5], [7, 0]), ([0, 8], [9, 10, 11, 0])]
+    return train_ppo(policy, tok, PROMPTS, target_reward(tok), cfg, seed=args["seed"],
+                     checkpoint_dir=args.get("checkpoint_dir"),
+                     sft_examples=sft if args.get("sft_weight") else None)
+
+
+def main() -> None:
+    from accelerate import PartialState
+    from safetensors.torch import save_file
+
+    args = json.loads(Path(sys.argv[1]).read_text())
+    rows, trained = run(args)
+    if PartialState().is_main_process:
+        out = Path(args["out"])
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in trained.state_dict().items()
+                   if k != "lm_head.weight"}, str(out / "weights.safetensors"))
+        (out / "rows.json").write_text(json.dumps(rows))
+    from pipeline_lib.distributed import finish
+
+    finish()
+
+
+if __name__ == "__main__":
+    main()
