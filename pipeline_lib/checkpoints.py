@@ -14,7 +14,9 @@ interrupted save never leaves a ``last`` that looks complete; a directory cannot
 
 Everything is read back with ``torch.load(weights_only=True)``; DeepSpeed's optimizer shards hold
 three DeepSpeed classes (its loss scaler, ZeRO-stage enum and ZeRO-2's parameter-slice record),
-which are allow-listed by name for that load only. Saving is a collective: every rank calls :func:`save_checkpoint`.
+which are allow-listed by name for that load only. Saving is a collective: every rank calls
+:func:`save_checkpoint`, and the main process swaps ``.last.tmp`` in only after every rank has
+written its files into it.
 """
 
 from __future__ import annotations
@@ -64,12 +66,13 @@ def save_checkpoint(acc, directory: Path, optimizer, write_main: Callable[[Path]
             shutil.rmtree(tmp)
         tmp.mkdir()
         os.chmod(tmp, 0o755)
-    acc.wait_for_everyone()
+    acc.wait_for_everyone()  # .last.tmp exists
     rng = gather_rng_states(acc)
     if is_deepspeed(acc):
         torch.save(optimizer.state_dict(), tmp / f"optimizer-rank{acc.process_index}.pt")
     elif main:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    acc.wait_for_everyone()  # every rank's files are in .last.tmp before it is swapped in
     if main:
         try:
             torch.save({"ranks": rng}, tmp / "rng.pt")

@@ -1,20 +1,21 @@
-"""Run a training stage as several processes with ``accelerate launch``.
+"""Run a training job as several processes with ``accelerate launch``.
 
-``training.launch`` in the config chooses how a ``train`` job runs:
+``training.launch`` in the config chooses how the training jobs (rules ``sft``,
+``reward_model`` and ``train``) run:
 
 * ``accelerate_config: null`` (default): in the job's own process, on one device;
 * ``single`` | ``ddp`` | ``zero2`` | ``zero3``: the shipped ``config/accelerate/<name>.yaml``, or a
   path to your own accelerate config file, launched with ``num_processes`` processes (one per
-  GPU; the ``train`` rule asks the scheduler for that many GPUs).
+  GPU; the three rules ask the scheduler for that many GPUs).
 
 The job writes its arguments to a JSON file and runs, without a shell,
 
     python -m accelerate.commands.launch --config_file FILE --num_processes N ... \\
         -m pipeline_lib.launch JOB.json
 
-Every process then calls the same stage function (:data:`STAGES`) with those arguments; the
-trainers split each batch over the ranks and the main process writes the outputs. The job's
-log receives every process's output.
+Every process then calls the same job function (``pipeline_lib.stages.TRAINING_JOBS``) with
+those arguments; the trainers split each batch over the ranks and the main process writes the
+outputs. The job's log receives every process's output.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ log = logging.getLogger("pipeline")
 
 ACCELERATE_DIR = REPO_ROOT / "config" / "accelerate"
 SHIPPED = ("single", "ddp", "zero2", "zero3")
-STAGES = ("train",)
+STAGES = ("sft", "reward_model", "train")
 
 
 def accelerate_config_file(value: str) -> Path:
@@ -129,7 +130,7 @@ def launch_command(config_file: Path, num_processes: int, port: int, threads_per
 
 def run_launched(stage: str, config: Mapping[str, Any], kwargs: Mapping[str, Any],
                  threads: int | None, workdir: Path) -> None:
-    """Run ``STAGES[stage](config=config, **kwargs)`` in ``num_processes`` processes.
+    """Run ``TRAINING_JOBS[stage](config, **kwargs)`` in ``num_processes`` processes.
 
     Raises :class:`RuntimeError` naming the exit status when the launch fails (its output is
     in the job's log, above).
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline_lib import stages
     from pipeline_lib.distributed import finish
 
-    stages.train_run(job["config"], **job["kwargs"])
+    stages.TRAINING_JOBS[job["stage"]](job["config"], **job["kwargs"])
     finish()
 
 

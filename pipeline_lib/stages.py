@@ -118,6 +118,27 @@ def run_prompts(
 # ---------------------------------------------------------------------------------------------
 # sft
 # ---------------------------------------------------------------------------------------------
+def _is_main_process() -> bool:
+    """False only in the non-main ranks of an ``accelerate launch`` (they write nothing)."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def _dispatch(stage: str, config: Mapping[str, Any], threads: int | None, workdir: PathLike,
+              **kwargs: Any) -> None:
+    """Run a training job (``sft``, ``reward_model``, ``train``) in this process, or, with
+    ``training.launch.accelerate_config`` set, in ``training.launch.num_processes`` processes
+    under ``accelerate launch`` (:mod:`pipeline_lib.launch`)."""
+    kwargs = {k: (str(v) if isinstance(v, Path) else v) for k, v in kwargs.items()}
+    if config["training"]["launch"]["accelerate_config"] is None:
+        TRAINING_JOBS[stage](config, threads=threads, **kwargs)
+    else:
+        from pipeline_lib.launch import run_launched
+
+        run_launched(stage, config, kwargs, threads, workdir=Path(workdir))
+
+
 def run_sft(
     config: Mapping[str, Any],
     corpus_train: PathLike,
@@ -126,12 +147,29 @@ def run_sft(
     log_table: PathLike,
     threads: int | None = None,
 ) -> None:
-    """Train the reference policy: from scratch (BPE tokenizer + GPT-2) or from a local model."""
+    """Train the reference policy: from scratch (BPE tokenizer + GPT-2) or from a local model
+    (in one process, or several: ``training.launch``)."""
+    _dispatch("sft", config, threads, Path(out_dir).parent, corpus_train=str(corpus_train),
+              corpus_test=str(corpus_test), out_dir=str(out_dir), log_table=str(log_table))
+
+
+def sft_job(
+    config: Mapping[str, Any],
+    corpus_train: PathLike,
+    corpus_test: PathLike,
+    out_dir: PathLike,
+    log_table: PathLike,
+    threads: int | None = None,
+) -> None:
+    """The training of :func:`run_sft` (every rank of a launch); the main process writes."""
     _setup(config, threads, "sft")
     train_texts = read_polars(corpus_train, "corpus")["text"].to_list()
     val_texts = read_polars(corpus_test, "corpus")["text"].to_list()[:512]
     pol = config["policy"]
     if pol["base"] == "scratch":
+        # Under a launch every rank trains it: BPE training is deterministic (the same
+        # vocabulary in separate processes and with any thread count, checked on the default
+        # corpus), so all ranks encode alike.
         tokenizer = train_tokenizer(train_texts, pol["vocab_size"])
         model = build_scratch_policy(tokenizer, pol)
         log.info("scratch GPT-2: %d parameters, vocab %d",
@@ -142,10 +180,20 @@ def run_sft(
         model.config.pad_token_id = tokenizer.pad_token_id
     cfg = {**config["sft"], "device": config["device"]}
     rows, model = _train_sft(model, tokenizer, train_texts, val_texts, cfg, config)
+    if not _is_main_process():
+        return
     with atomic_dir(out_dir) as tmp:
         save_model(model, tokenizer, tmp)
     write_table(pl.DataFrame(rows, schema_overrides={"accuracy": pl.Float64}), log_table,
-                "train_log", provenance(config, "sft", base=pol["base"]))
+                "train_log", provenance(config, "sft", base=pol["base"], **_launch_info(config)))
+
+
+def _launch_info(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Provenance of how a training job ran."""
+    from accelerate import PartialState
+
+    return {"processes": PartialState().num_processes,
+            "accelerate_config": config["training"]["launch"]["accelerate_config"]}
 
 
 def _train_sft(model, tokenizer, train_texts, val_texts, cfg, config):
@@ -370,7 +418,18 @@ def run_reward_model(
     config: Mapping[str, Any], seed: int, preferences: PathLike, policy_dir: PathLike,
     out_dir: PathLike, log_table: PathLike, threads: int | None = None,
 ) -> None:
-    """Train one ensemble member: a one-logit classifier initialised from the SFT policy."""
+    """Train one ensemble member: a one-logit classifier initialised from the SFT policy (in
+    one process, or several: ``training.launch``)."""
+    _dispatch("reward_model", config, threads, Path(out_dir).parent, seed=int(seed),
+              preferences=str(preferences), policy_dir=str(policy_dir), out_dir=str(out_dir),
+              log_table=str(log_table))
+
+
+def reward_model_job(
+    config: Mapping[str, Any], seed: int, preferences: PathLike, policy_dir: PathLike,
+    out_dir: PathLike, log_table: PathLike, threads: int | None = None,
+) -> None:
+    """The training of :func:`run_reward_model` (every rank); the main process writes."""
     from transformers import AutoModelForSequenceClassification
 
     from pipeline_lib.training import train_reward_model
@@ -388,12 +447,15 @@ def run_reward_model(
     texts_l = [p + r for p, r in zip(pairs["prompt"], pairs["rejected"], strict=True)]
     rows, model = train_reward_model(model, tokenizer, texts_w, texts_l, cfg,
                                      seed=derive_seed(seed, "rm-order"))
+    if not _is_main_process():
+        return
     for r in rows:
         log.info("rm seed %d %s", seed, json.dumps(r))
     with atomic_dir(out_dir) as tmp:
         save_model(model, tokenizer, tmp)
     write_table(pl.DataFrame(rows), log_table, "train_log",
-                provenance(config, "reward_model", rm_seed=seed, init=policy_dir))
+                provenance(config, "reward_model", rm_seed=seed, init=policy_dir,
+                           **_launch_info(config)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -589,7 +651,7 @@ def run_train(
 ) -> None:
     """Train one method run from the SFT policy; checkpoints resume a killed job.
 
-    With ``training.launch.accelerate_config`` set, the run is :func:`train_run` in
+    With ``training.launch.accelerate_config`` set, the run is :func:`train_job` in
     ``training.launch.num_processes`` processes under ``accelerate launch``
     (:mod:`pipeline_lib.launch`); otherwise it runs in this process.
     """
@@ -600,23 +662,13 @@ def run_train(
     _checkpoint_guard(ckpt, json.dumps({"spec": spec, "training": config["training"],
                                         "config_hash": config_hash(config)}, sort_keys=True,
                                        default=str))
-    kwargs = dict(
-        name=name, policy_dir=str(policy_dir), out_dir=str(out_dir), log_table=str(log_table),
-        checkpoint_dir=str(ckpt),
-        **{k: None if v is None else str(v) for k, v in (
-            ("prompts_path", prompts_path), ("cdf_path", cdf_path),
-            ("rewards_path", rewards_path), ("pairs_path", pairs_path))},
-        reward_models={k: str(v) for k, v in (reward_models or {}).items()},
-    )
-    if config["training"]["launch"]["accelerate_config"] is None:
-        train_run(config, threads=threads, **kwargs)
-    else:
-        from pipeline_lib.launch import run_launched
-
-        run_launched("train", config, kwargs, threads, workdir=ckpt)
+    _dispatch("train", config, threads, ckpt, name=name, policy_dir=policy_dir, out_dir=out_dir,
+              log_table=log_table, checkpoint_dir=ckpt, prompts_path=prompts_path,
+              cdf_path=cdf_path, rewards_path=rewards_path, pairs_path=pairs_path,
+              reward_models={k: str(v) for k, v in (reward_models or {}).items()})
 
 
-def train_run(
+def train_job(
     config: Mapping[str, Any],
     name: str,
     policy_dir: PathLike,
@@ -632,8 +684,6 @@ def train_run(
 ) -> None:
     """The training of :func:`run_train`, in one process or in each rank of a launch; the
     main process writes the policy and the log table and removes the checkpoint."""
-    from accelerate import PartialState
-
     from pipeline_lib.methods import PPO_METHODS, kl_coefficient, method_runs
 
     spec = method_runs(config)[name]
@@ -662,16 +712,13 @@ def train_run(
         rows, model = train_preference(policy, tokenizer, pairs, pc, seed=train_seed,
                                        checkpoint_dir=ckpt, on_log=on_log)
         extra = {"beta": effective_beta(pc)}
-    state = PartialState()
-    if not state.is_main_process:
+    if not _is_main_process():
         return
-    processes = {"processes": state.num_processes,
-                 "accelerate_config": config["training"]["launch"]["accelerate_config"]}
     with atomic_dir(out_dir) as tmp:
         save_model(model, tokenizer, tmp)
     write_table(_policy_log_rows(rows, method), log_table, "policy_log",
-                provenance(config, "train", run=name, method=method, spec=spec, **processes,
-                           **extra))
+                provenance(config, "train", run=name, method=method, spec=spec,
+                           **_launch_info(config), **extra))
     shutil.rmtree(ckpt, ignore_errors=True)  # the run is complete: a rerun starts afresh
 
 
@@ -724,3 +771,7 @@ def _train_ppo_method(config, spec, tokenizer, policy, prompts_path, cdf_path, r
                         zip(pairs["prompt"], pairs["best_token_ids"], strict=True)]
     return train_ppo(policy, tokenizer, texts, reward_fn, cfg, seed=seed, checkpoint_dir=ckpt,
                      sft_examples=sft_examples, on_log=on_log)
+
+
+# The jobs :func:`_dispatch` runs (and ``python -m pipeline_lib.launch`` runs in each process).
+TRAINING_JOBS = {"sft": sft_job, "reward_model": reward_model_job, "train": train_job}

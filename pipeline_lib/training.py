@@ -3,6 +3,12 @@
 Nothing here assumes a GPU: ``accelerate`` places the model on whatever device is there and
 handles mixed precision where configured. Every loop returns per-step log rows for the
 ``train_log`` table.
+
+Under ``accelerate launch`` (several processes) the batch size stays global: each rank takes a
+contiguous slice of every batch (:func:`pipeline_lib.distributed.rank_slice`) and scales its
+loss so that the averaged gradient is that of the global batch (token mean for SFT, pair mean
+for reward models), as in one process; logged values are reduced over ranks; validation runs
+on every rank over the whole held-out set. In one process nothing changes.
 """
 
 from __future__ import annotations
@@ -16,6 +22,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline_lib.distributed import (
+    configure_deepspeed,
+    global_mean_scale,
+    rank_slice,
+    reduce_sums,
+    unsharded_model,
+)
 from pipeline_lib.generation import pad_batch
 from pipeline_lib.losses import bradley_terry_loss
 from pipeline_lib.modeling import encode_prompt
@@ -114,6 +127,8 @@ def train_sft(
     Returns (log rows, the trained model unwrapped from accelerate).
     """
     acc = _accelerator(cfg)
+    world, rank = acc.num_processes, acc.process_index
+    model_config = model.config
     pad_id = tokenizer.pad_token_id
     train = encode_lm_texts(tokenizer, train_texts, int(cfg["max_length"]))
     val = encode_lm_texts(tokenizer, val_texts, int(cfg["max_length"]))
@@ -126,32 +141,42 @@ def train_sft(
         model.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"])
     )
     scheduler = _scheduler(optimizer, int(cfg["warmup_steps"]), total)
+    configure_deepspeed(acc, math.ceil(bs / world), None)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     model.train()
     rng = np.random.default_rng(seed)
     rows: list[dict] = []
     step, tokens, t0 = 0, 0, time.perf_counter()
     log_every, eval_every = int(cfg["log_every"]), int(cfg.get("eval_every") or 0)
-    bar = tqdm(total=total, desc="sft", unit="step", mininterval=5.0)
+    bar = tqdm(total=total, desc="sft", unit="step", mininterval=5.0,
+               disable=not acc.is_main_process)
 
     def emit(row: dict) -> None:
         rows.append(row)
-        if on_log:
+        if on_log and acc.is_main_process:
             on_log(row)
 
     while step < total:
         for idx in _batches(len(train), bs, rng):
-            loss, n_tok = _lm_loss(model, [train[i] for i in idx], pad_id, acc.device)
+            local, weight = _local_part(idx, rank, world)
+            loss, _ = _lm_loss(model, [train[i] for i in local], pad_id, acc.device)
+            shown = loss
+            if world > 1:  # token mean over the global batch (see the module docstring)
+                n_local = sum(max(len(train[i]) - 1, 0) for i in local) * weight
+                n_global = sum(max(len(train[i]) - 1, 0) for i in idx)
+                shown = loss * n_local / n_global  # this rank's share of the global mean
+                loss = shown * world
             acc.backward(loss)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
             step += 1
-            tokens += n_tok
+            tokens += sum(len(train[i]) for i in idx)
             bar.update(1)
             if step % log_every == 0 or step == total:
+                value = float(shown) if world == 1 else reduce_sums(acc, [shown.detach()])[0]
                 emit(dict(step=step, split="train", epoch=step / steps_per_epoch,
-                          loss=float(loss), lr=scheduler.get_last_lr()[0], tokens=tokens,
+                          loss=value, lr=scheduler.get_last_lr()[0], tokens=tokens,
                           accuracy=None, elapsed_s=time.perf_counter() - t0))
             if val and ((eval_every and step % eval_every == 0) or step == total):
                 emit(dict(step=step, split="val", epoch=step / steps_per_epoch,
@@ -161,7 +186,23 @@ def train_sft(
             if step >= total:
                 break
     bar.close()
-    return rows, acc.unwrap_model(model)
+    return rows, unsharded_model(acc, model, lambda: _empty_model(model_config, "causal"))
+
+
+def _local_part(idx: np.ndarray, rank: int, world: int) -> tuple[np.ndarray, float]:
+    """This rank's slice of a global batch and its weight: a rank left without items runs the
+    batch's first item with weight 0, so that it still joins the gradient all-reduce."""
+    local = idx[rank_slice(len(idx), rank, world)]
+    if len(local):
+        return local, 1.0
+    return idx[:1], 0.0
+
+
+def _empty_model(config, kind: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
+    return cls.from_config(config)
 
 
 def _rm_scores(model, tokenizer, texts: Sequence[str], max_length: int, device) -> torch.Tensor:
@@ -197,6 +238,8 @@ def train_reward_model(
     data order. A ``val_fraction`` of pairs is held out and evaluated at the end.
     Returns (log rows, the trained model)."""
     acc = _accelerator(cfg)
+    world, rank = acc.num_processes, acc.process_index
+    model_config = model.config
     rng = np.random.default_rng(seed)
     n = len(chosen)
     perm = rng.permutation(n)
@@ -208,17 +251,24 @@ def train_reward_model(
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(cfg["lr"]),
                                   weight_decay=float(cfg["weight_decay"]))
     scheduler = _scheduler(optimizer, int(cfg["warmup_steps"]), total)
+    configure_deepspeed(acc, math.ceil(bs / world), None)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     model.train()
     rows: list[dict] = []
     step, t0 = 0, time.perf_counter()
-    bar = tqdm(total=total, desc=f"reward model seed {seed}", unit="step", mininterval=5.0)
+    bar = tqdm(total=total, desc=f"reward model seed {seed}", unit="step", mininterval=5.0,
+               disable=not acc.is_main_process)
     for _ in range(int(cfg["epochs"])):
         for b in _batches(len(train_idx), bs, rng):
-            idx = train_idx[b]
+            batch_idx = train_idx[b]
+            idx, weight = _local_part(batch_idx, rank, world)
             sw = _rm_scores(model, tokenizer, [chosen[i] for i in idx], max_len, acc.device)
             sl = _rm_scores(model, tokenizer, [rejected[i] for i in idx], max_len, acc.device)
-            loss = bradley_terry_loss(sw, sl, center_coef=float(cfg["center_coef"])).mean()
+            per_pair = bradley_terry_loss(sw, sl, center_coef=float(cfg["center_coef"]))
+            if world == 1:
+                loss = per_pair.mean()
+            else:  # pair mean over the global batch (see the module docstring)
+                loss = per_pair.sum() * weight * global_mean_scale(len(batch_idx), world)
             acc.backward(loss)
             optimizer.step()
             scheduler.step()
@@ -226,9 +276,15 @@ def train_reward_model(
             step += 1
             bar.update(1)
             if step % int(cfg["log_every"]) == 0 or step == total:
+                if world == 1:
+                    value, accuracy = float(loss), float((sw > sl).float().mean())
+                else:
+                    loss_sum, right = reduce_sums(acc, [per_pair.detach().sum() * weight,
+                                                        (sw > sl).float().sum() * weight])
+                    value, accuracy = loss_sum / len(batch_idx), right / len(batch_idx)
                 rows.append(dict(step=step, split="train", epoch=step / steps_per_epoch,
-                                 loss=float(loss), lr=scheduler.get_last_lr()[0],
-                                 tokens=step * bs, accuracy=float((sw > sl).float().mean()),
+                                 loss=value, lr=scheduler.get_last_lr()[0],
+                                 tokens=step * bs, accuracy=accuracy,
                                  elapsed_s=time.perf_counter() - t0))
     bar.close()
     if n_val:
@@ -237,4 +293,4 @@ def train_reward_model(
         rows.append(dict(step=step, split="val", epoch=float(cfg["epochs"]), loss=vloss,
                          lr=scheduler.get_last_lr()[0], tokens=step * bs, accuracy=vacc,
                          elapsed_s=time.perf_counter() - t0))
-    return rows, acc.unwrap_model(model)
+    return rows, unsharded_model(acc, model, lambda: _empty_model(model_config, "classifier"))

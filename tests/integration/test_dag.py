@@ -265,10 +265,10 @@ def test_schema_names_cover_tables():
     assert set(TABLES.values()) <= set(SCHEMAS)
 
 
-def test_train_jobs_under_accelerate_launch_ddp(run, tmp_path):
-    """training.launch = ddp with 2 processes (on CPU: gloo): `train` jobs run through
-    `accelerate launch`; DPO, whose global batches are split over the ranks, reproduces the
-    one-process run; PPO trains and records how it ran."""
+def test_training_jobs_under_accelerate_launch_ddp(run, tmp_path):
+    """training.launch = ddp with 2 processes (on CPU: gloo): `train`, `reward_model` and `sft`
+    jobs run through `accelerate launch`; DPO, whose global batches are split over the ranks,
+    reproduces the one-process run; PPO, the reward model and SFT train and record how."""
     from safetensors.torch import load_file
 
     config = cfg()
@@ -299,3 +299,21 @@ def test_train_jobs_under_accelerate_launch_ddp(run, tmp_path):
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
     ppo = read_polars(res / "logs/train-ppo-b0.05.parquet", "policy_log")
     assert ppo["step"].to_list() == [1, 2, 3, 4] and ppo["loss"].is_finite().all()
+    # The other training jobs, one at a time (a target alone reruns nothing downstream).
+    # Their models use dropout, whose masks differ with the process count, so these runs are
+    # compared loosely; exact equality is test_launch.py's, without dropout.
+    for target, rule in (("logs/rm-seed1.parquet", "reward_model"), ("logs/sft.parquet", "sft")):
+        proc = snakemake(workdir, f"results/tiny/{target}", "--forcerun", rule,
+                         configfile=configfile)
+        out = proc.stdout + proc.stderr
+        assert f"rule {rule}:" in out and "rule train:" not in out
+        assert read_provenance(res / target)["processes"] == 2
+        log_text = (res / target).with_suffix(".log").read_text()
+        assert "launching 2 process(es)" in log_text
+        table = read_polars(res / target, "train_log")
+        one_table = read_polars(run / target, "train_log")
+        assert table["step"].to_list() == one_table["step"].to_list()
+        # same data, initialisation and data order; only the dropout masks differ
+        last, one_last = (t.filter(pl.col("split") == "train")["loss"][-1]
+                          for t in (table, one_table))
+        assert last == pytest.approx(one_last, rel=0.05), target

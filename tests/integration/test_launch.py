@@ -4,9 +4,10 @@ DDP runs on CPU through the same ``config/accelerate/ddp.yaml`` that multi-GPU j
 instead of NCCL); ZeRO-2/3 run on DeepSpeed's CPU accelerator (gloo). Each launch is real:
 two processes, a process group, gradient all-reduce or ZeRO partitioning.
 
-* The preference trainer splits each global batch over the ranks, so two processes must train
-  the same weights as one (up to float summation order), also when a batch leaves a rank
-  without pairs (11 pairs, batch 5: the last batch has one pair).
+* The preference, SFT and reward-model trainers split each global batch over the ranks, so two
+  processes must train the same weights as one (up to float summation order), also when a
+  batch leaves a rank without pairs (11 pairs, batch 5: the last batch has one pair) or splits
+  unevenly.
 * PPO cannot match one process (each rank samples its own responses), so its test is that a
   run killed after a checkpoint and resumed under the same launch ends exactly where an
   uninterrupted run ends: per-rank RNG states, optimizer (shards under ZeRO) and weights
@@ -94,6 +95,30 @@ def test_preference_in_two_processes_trains_what_one_process_trains(config, tmp_
                     "lr", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), key
     assert (tmp_path / "ckpt" / "last" / "state.json").exists()
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("trainer, keys", [
+    ("sft", ("loss", "lr", "tokens")),
+    ("rm", ("loss", "accuracy", "lr")),
+])
+def test_sft_and_reward_models_in_two_processes_train_what_one_process_trains(
+        config, trainer, keys, tmp_path):
+    steps = 5
+    one = in_process({"trainer": trainer, "out": str(tmp_path / "one"), "steps": steps,
+                      "seed": 3})
+    two = launch(config, {"trainer": trainer, "out": str(tmp_path / "two"), "steps": steps,
+                          "seed": 3}, tmp_path)
+    other_seed = in_process({"trainer": trainer, "out": str(tmp_path / "other"),
+                             "steps": steps, "seed": 4})
+    assert max_diff(one["weights"], other_seed["weights"]) > 1e-3
+    assert max_diff(one["weights"], two["weights"]) < 1e-5
+    assert [(r["step"], r["split"]) for r in one["rows"]] == [
+        (r["step"], r["split"]) for r in two["rows"]]
+    for a, b in zip(one["rows"], two["rows"], strict=True):
+        for key in keys:
+            if a[key] is not None:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), (key, a["step"])
 
 
 @pytest.mark.parametrize("config", CONFIGS)

@@ -163,8 +163,9 @@ def test_profile_parses_with_attempt_scaled_resources():
     assert args.executor == "slurm"
     assert args.retries >= 1 and args.rerun_incomplete
     assert set(args.set_resources) == set(load_profile()["set-resources"])
-    sft = args.set_resources["sft"]
-    assert sft["gpu"].value == 1 and sft["cpus_per_gpu"].value >= 1
+    sample, sft = args.set_resources["sample"], args.set_resources["sft"]
+    assert sample["gpu"].value == 1 and sample["cpus_per_gpu"].value >= 1
+    assert "gpu" not in sft and sft["cpus_per_gpu"].value >= 1  # from training.launch
     assert {"slurm_partition", "slurm_account"} <= set(args.default_resources)
     for rule, res in load_profile()["set-resources"].items():
         for key in ("mem_mb", "runtime"):
@@ -185,10 +186,12 @@ def test_profile_covers_every_rule_and_rules_hold_no_cluster_settings():
     gpu_rules = {name for name, body in blocks.items() if re.search(r"^\s+gpu\s*=", body, re.M)}
     per_rule = profile["set-resources"]
     assert set(per_rule) == rules, "rules without (or unknown rules with) profile resources"
-    # train's GPU count is the rule's own (training.launch.num_processes), so not in the profile
-    assert "train" in gpu_rules and "gpu" not in per_rule["train"]
-    assert re.search(r"^\s+gpu=TRAIN_GPUS,", blocks["train"], re.M)
-    assert {r for r, res in per_rule.items() if res.get("gpu", 0) >= 1} == gpu_rules - {"train"}
+    # the training jobs' GPU count is the rules' own (training.launch.num_processes)
+    training = {"sft", "reward_model", "train"}
+    for rule in training:
+        assert rule in gpu_rules and "gpu" not in per_rule[rule], rule
+        assert re.search(r"^\s+gpu=TRAIN_GPUS,", blocks[rule], re.M), rule
+    assert {r for r, res in per_rule.items() if res.get("gpu", 0) >= 1} == gpu_rules - training
     for rule, res in per_rule.items():
         assert "attempt" in str(res["mem_mb"]) and "attempt" in str(res["runtime"]), rule
         if rule in gpu_rules:
@@ -205,7 +208,7 @@ def test_cluster_overrides():
     start = overrides.index("--set-resources") + 1
     end = next(i for i in range(start, len(overrides)) if overrides[i].startswith("--"))
     set_resources = overrides[start:end]
-    assert "sft:gpu=0" in set_resources and "sft:mem_mb=16000 * attempt" in set_resources
+    assert "sample:gpu=0" in set_resources and "sft:mem_mb=16000 * attempt" in set_resources
     assert "prompts:mem_mb=2000 * attempt" in set_resources
     assert not [o for o in set_resources if o.split("=")[0].split(":")[1] in GPU_KEYS]
 
@@ -343,3 +346,37 @@ def test_a_job_killed_for_memory_is_retried_with_more(runs):
     assert (first["ReqMem"], second["ReqMem"]) == ("50M", "2000M")
     assert second["State"] == "COMPLETED"
     assert table_equal(runs["local_dir"] / "results/tiny/summary.parquet", target)
+
+
+@pytest.mark.integration
+@pytest.mark.slurm
+def test_a_train_job_runs_accelerate_launch_inside_its_slurm_job(runs, tmp_path):
+    """training.launch = ddp, 2 processes: the train job is one sbatch job whose script runs
+    `accelerate launch` (2 processes, gloo on this CPU cluster); DPO's table equals the local
+    one-process run's, since its batches are split over the ranks."""
+    import polars as pl
+
+    from pipeline_lib.schemas import read_provenance
+
+    workdir = runs["slurm_dir"]
+    config = yaml.safe_load(TINY.read_text())
+    config["training"]["launch"] = {"accelerate_config": "ddp", "num_processes": 2}
+    config["training"]["ppo"]["minibatch_size"] = 2
+    configfile = tmp_path / "tiny-ddp.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    target = "results/tiny/logs/train-dpo-n4-b0.1.parquet"
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
+           "--directory", str(workdir), target, "--configfile", str(configfile),
+           "--profile", str(PROFILE), *cluster_overrides(load_profile()), "--forcerun", "train"]
+    proc = run_bounded(cmd, workdir, 600)
+    assert proc.returncode == 0, proc.stdout[-20000:]
+    job_ids = re.findall(r"has been submitted with SLURM jobid (\d+)", proc.stdout)
+    rows = sacct(job_ids)
+    assert [(rule_of(r["Comment"]), r["State"]) for r in rows] == [("train", "COMPLETED")]
+    log_text = (workdir / "results/tiny/logs/train-dpo-n4-b0.1.log").read_text()
+    assert "launching 2 process(es)" in log_text
+    assert read_provenance(workdir / target)["processes"] == 2
+    one = pl.read_parquet(runs["local_dir"] / target)
+    two = pl.read_parquet(workdir / target)
+    for col in ("loss", "reward_margin", "accuracy"):
+        assert two[col].to_list() == pytest.approx(one[col].to_list(), rel=1e-4, abs=1e-5), col

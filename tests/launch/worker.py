@@ -4,7 +4,7 @@
     python -m accelerate.commands.launch --config_file C --num_processes 2 \\
         tests/launch/worker.py ARGS.json                                     # several
 
-ARGS: {"trainer": "preference" | "ppo", "out": dir, "steps": int, "seed": int,
+ARGS: {"trainer": "preference" | "ppo" | "sft" | "rm", "out": dir, "steps": int, "seed": int,
        "checkpoint_dir": dir | null, "method": "dpo" | ... (preference only)}.
 The main process writes ``out/weights.safetensors`` (the trained policy) and ``out/rows.json``.
 Model, tokenizer and data are built deterministically from fixed seeds, so every process and
@@ -44,9 +44,12 @@ def model(tok):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
+    # No dropout: SFT and reward-model training run in train() mode, and dropout masks are
+    # random draws that differ between one and two processes.
     config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=32,
                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                        pad_token_id=tok.pad_token_id)
+                        pad_token_id=tok.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0, summary_first_dropout=0.0)
     return GPT2LMHeadModel(config).eval()
 
 
@@ -82,10 +85,33 @@ def target_reward(tok, word: str = "c"):
     return reward_fn
 
 
+def texts(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=rng.integers(2, 9))) for _ in range(n)]
+
+
 def run(args: dict) -> tuple[list[dict], object]:
     torch.set_num_threads(1)
     tok = tokenizer()
     policy = model(tok)
+    common = {"lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 1, "batch_size": 5,
+              "max_length": 16, "log_every": 1, "device": "cpu"}
+    if args["trainer"] == "sft":  # 23 texts in batches of 5: the last batch has 3
+        from pipeline_lib.training import train_sft
+
+        cfg = {**common, "epochs": 3, "max_steps": args["steps"], "eval_every": 2}
+        return train_sft(policy, tok, texts(23, 0), texts(7, 1), cfg, seed=args["seed"])
+    if args["trainer"] == "rm":  # 14 training pairs in batches of 5: the last has 4
+        from transformers import GPT2ForSequenceClassification
+
+        from pipeline_lib.training import train_reward_model
+
+        torch.manual_seed(0)
+        config = policy.config
+        config.num_labels = 1
+        rm = GPT2ForSequenceClassification(config)
+        cfg = {**common, "epochs": 2, "val_fraction": 0.2, "center_coef": 0.01}
+        return train_reward_model(rm, tok, texts(18, 2), texts(18, 3), cfg, seed=args["seed"])
     if args["trainer"] == "preference":
         from pipeline_lib.preference import PreferenceConfig, train_preference
 
@@ -116,7 +142,7 @@ def main() -> None:
         out = Path(args["out"])
         out.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().contiguous() for k, v in trained.state_dict().items()
-                   if k != "lm_head.weight"}, str(out / "weights.safetensors"))
+                   if k != "lm_head.weight"}, str(out / "weights.safetensors"))  # tied to wte
         (out / "rows.json").write_text(json.dumps(rows))
     from pipeline_lib.distributed import finish
 

@@ -6,8 +6,9 @@ SHARDS = list(range(config["sampling"]["shards"]))
 THREADS = config["threads"]
 # GPU rules ask for one GPU when the config runs on cuda; a cluster profile may override.
 GPUS = 1 if config["device"] == "cuda" else 0
-# A train job runs training.launch.num_processes processes, one per GPU, and asks for that many
-# GPUs whenever it may use one (the profile leaves `gpu` of rule train to this value).
+# The training jobs (sft, reward_model, train) run training.launch.num_processes processes, one
+# per GPU, and ask for that many GPUs whenever they may use one (the profile leaves their `gpu`
+# to this value).
 TRAIN_GPUS = 0 if config["device"] == "cpu" else config["training"]["launch"]["num_processes"]
 
 

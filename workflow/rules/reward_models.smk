@@ -32,7 +32,7 @@ rule reward_model:
         f"{R}/logs/rm-seed{{seed}}.log",
     threads: THREADS
     resources:
-        gpu=GPUS,
+        gpu=TRAIN_GPUS,
         mem_mb=8000,
         runtime=120,
     script:

@@ -12,7 +12,7 @@ rule sft:
         f"{R}/logs/sft.log",
     threads: THREADS
     resources:
-        gpu=GPUS,
+        gpu=TRAIN_GPUS,
         mem_mb=8000,
         runtime=120,
     script:
