@@ -626,7 +626,10 @@ def train_preference(
         pc, pr = logps[:nb], logps[nb:]
         rc, rr = ref_c[local].to(logps.device), ref_r[local].to(logps.device)
         per_pair = preference_loss(cfg, pc, pr, rc, rr) * weight
-        loss = per_pair.sum() * global_mean_scale(b, world)
+        if world == 1:  # the same arithmetic as before multi-process support
+            loss = per_pair.mean()
+        else:
+            loss = per_pair.sum() * global_mean_scale(b, world)
         acc.backward(loss)
         grad_norm = None
         if cfg.max_grad_norm:
