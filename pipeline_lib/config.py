@@ -98,6 +98,19 @@ def deep_update(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict:
     return out
 
 
+def canonical(value: Any) -> Any:
+    """``value`` with every mapping's keys sorted (recursively), lists kept in order.
+
+    Snakemake compares a rule's params by ``repr``, in which a dict's key order shows; rules
+    declare their config sections through this, so a YAML file whose keys are merely reordered
+    reruns nothing."""
+    if isinstance(value, Mapping):
+        return {k: canonical(value[k]) for k in sorted(value, key=str)}
+    if isinstance(value, (list, tuple)):
+        return [canonical(v) for v in value]
+    return value
+
+
 def config_hash(config: Mapping[str, Any], keys: list[str] | None = None) -> str:
     """sha256 (first 16 hex digits) of the canonical JSON of ``config`` (or of some sections)."""
     data = {k: config.get(k) for k in keys} if keys else dict(config)

@@ -4,7 +4,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline_lib.config import ConfigError, config_hash, load_config, validate_config
+from pipeline_lib.config import (
+    ConfigError,
+    canonical,
+    config_hash,
+    load_config,
+    validate_config,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,3 +96,13 @@ def test_method_run_names():
     names = list(method_runs(cfg))
     assert names == ["ppo-b0.05", "vbon-n8-exact", "bond-n8-w0.5", "dpo-n8-b0.1", "ipo-n8-b0.1",
                      "bonbon-n8", "bon_sft-n8"]
+
+
+def test_canonical_sections_do_not_depend_on_key_order():
+    """Rules declare their config sections as params through canonical(); Snakemake compares
+    params by repr, so a reordered config must give the same repr (and a changed one not)."""
+    a = {"b": 1, "a": {"y": [2, {"q": 1, "p": 0}], "x": None}}
+    b = {"a": {"x": None, "y": [2, {"p": 0, "q": 1}]}, "b": 1}
+    assert repr(a) != repr(b) and repr(canonical(a)) == repr(canonical(b))
+    assert repr(canonical(a)) != repr(canonical({**b, "b": 2}))
+    assert canonical({"l": [3, 1, 2]}) == {"l": [3, 1, 2]}  # list order is meaning

@@ -18,9 +18,13 @@ wildcard_constraints:
     shard=r"\d+",
 
 
+from pipeline_lib.config import canonical
+
+
 def section(*names):
-    """Config sections a rule depends on, as params (a change reruns the rule)."""
-    return {n: config[n] for n in names}
+    """Config sections a rule depends on, as params (a change reruns the rule; keys sorted, so
+    reordering a config file changes nothing)."""
+    return {n: canonical(config[n]) for n in names}
 
 
 def cdf_norm_reference(wildcards):
