@@ -186,3 +186,19 @@ def finish() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_launched_process() -> None:
+    """End a launched process that finished its work: :func:`finish`, flush, then
+    ``os._exit(0)``. Skipping the interpreter's teardown is deliberate: there, DeepSpeed's
+    ZeRO-3 communication threads can abort the process (SIGABRT, "terminate called without an
+    active exception") after everything was written, which would fail the job. A job that
+    raised never gets here: it exits with its traceback and a non-zero status."""
+    import logging
+    import sys
+
+    finish()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -194,10 +194,10 @@ def main(argv: list[str] | None = None) -> None:
     if job["stage"] not in STAGES:
         raise SystemExit(f"unknown stage {job['stage']!r}")
     from pipeline_lib import stages
-    from pipeline_lib.distributed import finish
+    from pipeline_lib.distributed import exit_launched_process
 
     stages.TRAINING_JOBS[job["stage"]](job["config"], **job["kwargs"])
-    finish()
+    exit_launched_process()
 
 
 if __name__ == "__main__":

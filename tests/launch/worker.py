@@ -144,9 +144,9 @@ def main() -> None:
         save_file({k: v.detach().contiguous() for k, v in trained.state_dict().items()
                    if k != "lm_head.weight"}, str(out / "weights.safetensors"))  # tied to wte
         (out / "rows.json").write_text(json.dumps(rows))
-    from pipeline_lib.distributed import finish
+    from pipeline_lib.distributed import exit_launched_process
 
-    finish()
+    exit_launched_process()
 
 
 if __name__ == "__main__":
