@@ -29,6 +29,7 @@ import torch
 __all__ = [
     "configure_deepspeed",
     "global_mean_scale",
+    "local_part",
     "is_deepspeed",
     "is_zero3",
     "rank_slice",
@@ -49,6 +50,17 @@ def rank_slice(n: int, rank: int, world: int) -> slice:
     base, extra = divmod(n, world)
     start = rank * base + min(rank, extra)
     return slice(start, start + base + (1 if rank < extra else 0))
+
+
+def local_part(idx, rank: int, world: int):
+    """This rank's slice of a global batch ``idx`` (an index array) and its loss weight.
+
+    A rank left without items (fewer items than ranks) runs the batch's first item with
+    weight 0, so that it still joins the gradient all-reduce."""
+    local = idx[rank_slice(len(idx), rank, world)]
+    if len(local):
+        return local, 1.0
+    return idx[:1], 0.0
 
 
 def global_mean_scale(global_count: int, world: int) -> float:

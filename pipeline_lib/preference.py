@@ -61,7 +61,7 @@ from pipeline_lib.distributed import (
     configure_deepspeed,
     full_state_dict,
     global_mean_scale,
-    rank_slice,
+    local_part,
     reduce_sums,
     unsharded_model,
 )
@@ -612,12 +612,7 @@ def train_preference(
         order = np.random.default_rng([int(seed), epoch]).permutation(n_pairs)
         idx = order[pos * bs : (pos + 1) * bs]
         b = len(idx)
-        local = idx[rank_slice(b, rank, world)]
-        # A rank left without pairs (b < world) still runs one forward/backward, weighted 0,
-        # so that every rank joins the gradient all-reduce.
-        weight = 1.0 if len(local) else 0.0
-        if not len(local):
-            local = idx[:1]
+        local, weight = local_part(idx, rank, world)  # weight 0: a rank left without pairs
         nb = len(local)
         prompts = [data.prompt_ids[i] for i in local]
         responses = [data.chosen_ids[i] for i in local] + [data.rejected_ids[i] for i in local]

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from pipeline_lib.distributed import (
     configure_deepspeed,
     global_mean_scale,
-    rank_slice,
+    local_part,
     reduce_sums,
     unsharded_model,
 )
@@ -158,7 +158,7 @@ def train_sft(
 
     while step < total:
         for idx in _batches(len(train), bs, rng):
-            local, weight = _local_part(idx, rank, world)
+            local, weight = local_part(idx, rank, world)
             loss, _ = _lm_loss(model, [train[i] for i in local], pad_id, acc.device)
             shown = loss
             if world > 1:  # token mean over the global batch (see the module docstring)
@@ -187,15 +187,6 @@ def train_sft(
                 break
     bar.close()
     return rows, unsharded_model(acc, model, lambda: _empty_model(model_config, "causal"))
-
-
-def _local_part(idx: np.ndarray, rank: int, world: int) -> tuple[np.ndarray, float]:
-    """This rank's slice of a global batch and its weight: a rank left without items runs the
-    batch's first item with weight 0, so that it still joins the gradient all-reduce."""
-    local = idx[rank_slice(len(idx), rank, world)]
-    if len(local):
-        return local, 1.0
-    return idx[:1], 0.0
 
 
 def _empty_model(config, kind: str):
@@ -261,7 +252,7 @@ def train_reward_model(
     for _ in range(int(cfg["epochs"])):
         for b in _batches(len(train_idx), bs, rng):
             batch_idx = train_idx[b]
-            idx, weight = _local_part(batch_idx, rank, world)
+            idx, weight = local_part(batch_idx, rank, world)
             sw = _rm_scores(model, tokenizer, [chosen[i] for i in idx], max_len, acc.device)
             sl = _rm_scores(model, tokenizer, [rejected[i] for i in idx], max_len, acc.device)
             per_pair = bradley_terry_loss(sw, sl, center_coef=float(cfg["center_coef"]))

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from pipeline_lib.config import ConfigError, validate_config
-from pipeline_lib.distributed import global_mean_scale, rank_slice, whiten_moments
+from pipeline_lib.distributed import global_mean_scale, local_part, rank_slice, whiten_moments
 from pipeline_lib.launch import (
     ACCELERATE_DIR,
     SHIPPED,
@@ -28,6 +28,17 @@ def test_rank_slices_cover_the_batch_once_in_order(n, world):
     assert sum(parts, []) == list(range(n))
     sizes = [len(p) for p in parts]
     assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_local_part_gives_an_empty_rank_the_first_item_with_weight_zero():
+    import numpy as np
+
+    idx = np.array([7, 3, 5])
+    assert [(list(p), w) for p, w in (local_part(idx, r, 2) for r in range(2))] == [
+        ([7, 3], 1.0), ([5], 1.0)]
+    one = np.array([9])
+    assert [(list(p), w) for p, w in (local_part(one, r, 2) for r in range(2))] == [
+        ([9], 1.0), ([9], 0.0)]
 
 
 def test_rank_slice_rejects_a_rank_outside_the_world():
