@@ -67,7 +67,7 @@ from pipeline_lib.distributed import (
 )
 from pipeline_lib.losses import bonbon_beta, bonbon_loss, dpo_loss, ipo_loss, sft_loss
 from pipeline_lib.modeling import encode_prompt
-from pipeline_lib.training import _accelerator, _pad, _scheduler
+from pipeline_lib.training import _accelerator, _empty_model, _pad, _scheduler
 
 log = logging.getLogger(__name__)
 
@@ -597,7 +597,7 @@ def train_preference(
         save_checkpoint(acc, ckpt_dir, optimizer, write_main)
 
     def final_model():
-        return unsharded_model(acc, model, lambda: _empty_causal_lm(model_config))
+        return unsharded_model(acc, model, lambda: _empty_model(model_config, "causal"))
 
     if step >= total:
         log.info("checkpoint is at step %d >= %d steps: nothing to train", step, total)
@@ -660,9 +660,3 @@ def train_preference(
     bar.close()
     checkpoint()
     return rows, final_model()
-
-
-def _empty_causal_lm(config):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_config(config)
