@@ -66,13 +66,20 @@ def pad_batch(
     return ids, attn
 
 
-def _trim(ids: list[int], eos_id: int | None, pad_id: int | None) -> Response:
+def trim_at_eos(ids: Sequence[int], eos_id: int | None) -> list[int]:
+    """Generated ids cut after the first EOS (kept); unfinished responses are kept whole.
+
+    ``generate`` pads a sequence only after its EOS, so every id before it, PAD included,
+    was sampled and stays: the log-probs are then those of what was drawn."""
+    ids = list(ids)
     if eos_id is not None and eos_id in ids:
-        cut = ids.index(eos_id)
-        return Response(ids[: cut + 1], True)
-    if pad_id is not None and pad_id != eos_id:
-        ids = [t for t in ids if t != pad_id]
-    return Response(ids, False)
+        return ids[: ids.index(eos_id) + 1]
+    return ids
+
+
+def _trim(ids: list[int], eos_id: int | None) -> Response:
+    kept = trim_at_eos(ids, eos_id)
+    return Response(kept, eos_id is not None and eos_id in kept)
 
 
 class HFBackend:
@@ -109,7 +116,7 @@ class HFBackend:
             use_cache=True,
         )
         gen = out[:, width:].cpu().tolist()
-        responses = [_trim(g, tok.eos_token_id, pad_id) for g in gen]
+        responses = [_trim(g, tok.eos_token_id) for g in gen]
         return [responses[i * m : (i + 1) * m] for i in range(len(prompt_ids))]
 
 

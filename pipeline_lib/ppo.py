@@ -124,7 +124,7 @@ from pipeline_lib.distributed import (
     unsharded_model,
     whiten_moments,
 )
-from pipeline_lib.generation import pad_batch
+from pipeline_lib.generation import pad_batch, trim_at_eos
 from pipeline_lib.losses import bond_loss
 from pipeline_lib.modeling import encode_prompt
 from pipeline_lib.objectives import (
@@ -431,14 +431,6 @@ def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def _trim_response(ids: Sequence[int], eos_id: int | None) -> list[int]:
-    """Generated ids cut after the first EOS (kept); unfinished responses are kept whole."""
-    ids = list(ids)
-    if eos_id is not None and eos_id in ids:
-        return ids[: ids.index(eos_id) + 1]
-    return ids
-
-
 class _Cycler:
     """Indices drawn from a shuffled order of ``n`` items, re-shuffled after each pass."""
 
@@ -542,7 +534,7 @@ def _generate(policy, prompt_ids: Sequence[Sequence[int]], gen_cfg, pad_id: int,
         generation_config=gen_cfg,
         synced_gpus=synced,
     )
-    return [_trim_response(g, eos_id) for g in out[:, width:].cpu().tolist()]
+    return [trim_at_eos(g, eos_id) for g in out[:, width:].cpu().tolist()]
 
 
 def _sequence_nll(model: PolicyWithValueHead, batch: _Batch) -> torch.Tensor:

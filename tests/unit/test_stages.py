@@ -5,7 +5,7 @@ import polars as pl
 import pytest
 import torch
 
-from pipeline_lib.generation import prompt_groups, sequence_logprobs, shard_groups
+from pipeline_lib.generation import prompt_groups, sequence_logprobs, shard_groups, trim_at_eos
 from pipeline_lib.modeling import encode_prompt
 from pipeline_lib.schemas import SchemaError, read_polars, write_table
 from pipeline_lib.stages import (
@@ -38,6 +38,14 @@ def test_groups_and_shards_partition_prompts():
         assert covered == list(range(10))
     with pytest.raises(ValueError, match="out of range"):
         shard_groups(groups, 2, 2)
+
+
+def test_responses_are_cut_after_eos_and_keep_sampled_pad_ids():
+    eos, pad = 0, 1
+    assert trim_at_eos([5, pad, 7], eos) == [5, pad, 7]  # unfinished: a sampled PAD stays
+    assert trim_at_eos([5, pad, eos, pad, pad], eos) == [5, pad, eos]  # generate's padding goes
+    assert trim_at_eos([eos, 5, eos], eos) == [eos]
+    assert trim_at_eos([5, 6], None) == [5, 6]
 
 
 def test_samples_do_not_depend_on_sharding(tiny_policy_dir, config):
