@@ -115,7 +115,8 @@ def main() -> None:
                     help="samples per generate call (generation.batch_size)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--vllm-memory", type=float, default=0.5)
-    ap.add_argument("--vllm-dtype", default="auto")
+    ap.add_argument("--vllm-dtype", default="float32",
+                    help="vLLM dtype (float32 = the HF backend's precision; bfloat16 is faster)")
     args = ap.parse_args()
     device = pick_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:

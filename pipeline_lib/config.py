@@ -51,6 +51,11 @@ def check_config(config: Mapping[str, Any]) -> None:
     if config["generation"]["backend"] == "vllm":
         import importlib.util
 
+        if config["generation"]["temperature"] > 2.0:
+            raise ConfigError(
+                f"config key generation.temperature ({config['generation']['temperature']}) "
+                "must be at most 2 with generation.backend 'vllm' (vLLM refuses higher)"
+            )
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError(
                 "config key generation.backend is 'vllm' but vLLM is not installed; install the "

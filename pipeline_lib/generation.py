@@ -214,13 +214,20 @@ class VLLMBackend:
     def sample(
         self, prompt_ids: Sequence[Sequence[int]], m: int, params: SamplingParams, seed: int
     ) -> list[list[Response]]:
+        """``m`` responses per prompt. Each prompt gets its own seed (vLLM gives the ``n``
+        children of a request ``seed + index``), so prompts of a group do not share random
+        streams; stopping on the tokenizer's EOS is explicit, as in the HF backend."""
         vllm = self._vllm
         eos = self.tokenizer.eos_token_id
-        sp = vllm.SamplingParams(
-            n=m, temperature=params.temperature, top_p=params.top_p,
-            top_k=params.top_k if params.top_k > 0 else -1, max_tokens=params.max_new_tokens,
-            seed=seed,
-        )
+        sp = [
+            vllm.SamplingParams(
+                n=m, temperature=params.temperature, top_p=params.top_p,
+                top_k=max(params.top_k, 0), max_tokens=params.max_new_tokens,
+                seed=derive_seed(seed, "vllm", j), detokenize=False,
+                stop_token_ids=[] if eos is None else [eos],
+            )
+            for j in range(len(prompt_ids))
+        ]
         prompts = [{"prompt_token_ids": list(p)} for p in prompt_ids]
         outputs = self.llm.generate(prompts, sp, use_tqdm=False)
         result = []

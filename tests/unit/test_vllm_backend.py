@@ -12,6 +12,7 @@ import pytest
 
 from pipeline_lib.config import ConfigError, validate_config
 from pipeline_lib.generation import SamplingParams, VLLMBackend
+from pipeline_lib.seeding import derive_seed
 
 
 @dataclass
@@ -72,7 +73,18 @@ def test_vllm_outputs_follow_the_hf_convention(fake_vllm):
     out = backend.sample([[1], [1, 4]], 2, SamplingParams(0.7, 0.9, 0, 16), seed=11)
     prompts, sp = _FakeLLM.calls[0]
     assert prompts == [{"prompt_token_ids": [1]}, {"prompt_token_ids": [1, 4]}]
-    assert sp == dict(n=2, temperature=0.7, top_p=0.9, top_k=-1, max_tokens=16, seed=11)
+    # one SamplingParams per prompt: own seed (vLLM's n children then get seed + index), top_k 0
+    # = disabled, ids only, explicit stop on the tokenizer's EOS
+    assert len(sp) == 2
+    for j, params in enumerate(sp):
+        assert params == dict(n=2, temperature=0.7, top_p=0.9, top_k=0, max_tokens=16,
+                              seed=derive_seed(11, "vllm", j), detokenize=False,
+                              stop_token_ids=[2])
+    assert sp[0]["seed"] != sp[1]["seed"]
+    # the same group seed gives the same per-prompt seeds (reruns reproduce the cache)
+    backend.sample([[1], [1, 4]], 2, SamplingParams(0.7, 0.9, 5, 16), seed=11)
+    assert [p["seed"] for p in _FakeLLM.calls[1][1]] == [p["seed"] for p in sp]
+    assert _FakeLLM.calls[1][1][0]["top_k"] == 5
     for responses in out:
         assert responses[0].token_ids == [5, 2] and responses[0].finished
         assert responses[1].token_ids == [7, 8] and not responses[1].finished
@@ -83,3 +95,16 @@ def test_vllm_missing_is_a_config_error():
         pytest.skip("vLLM is installed here")
     with pytest.raises(ConfigError, match=r"pip install -e '.\[gpu\]'"):
         validate_config({"task": "t", "seed": 0, "generation": {"backend": "vllm"}})
+
+
+def test_vllm_config_errors_name_the_key():
+    base = {"task": "t", "seed": 0}
+    with pytest.raises(ConfigError, match=r"generation.temperature \(2.5\).*at most 2"):
+        validate_config({**base, "generation": {"backend": "vllm", "temperature": 2.5}})
+    # the HF backend has no such limit
+    validate_config({**base, "generation": {"backend": "hf", "temperature": 2.5}})
+    named = r"'fp8' is not one of(.|\n)*\['vllm'\]\['properties'\]\['dtype'\]"
+    with pytest.raises(Exception, match=named):
+        validate_config({**base, "generation": {"backend": "hf", "vllm": {"dtype": "fp8"}}})
+    cfg = validate_config({**base, "generation": {"backend": "hf"}})
+    assert cfg["generation"]["vllm"]["dtype"] == "float32"
