@@ -1,4 +1,5 @@
-"""Training checkpoints shared by the PPO and the preference trainer, in one or several processes.
+"""Training checkpoints shared by every trainer (SFT, reward models, preference, PPO), in one or
+several processes.
 
 Layout of ``checkpoint_dir/last/`` (built as ``.last.tmp`` and swapped in by renames, so an
 interrupted save never leaves a ``last`` that looks complete; a directory cannot be
@@ -31,11 +32,12 @@ from typing import Any
 
 import torch
 
-from pipeline_lib.distributed import gather_rng_states, is_deepspeed
+from pipeline_lib.distributed import full_state_dict, gather_rng_states, is_deepspeed
 
 log = logging.getLogger(__name__)
 
 LAST, OLD, TMP = "last", "last.old", ".last.tmp"
+MARKER = "state.json"  # the marker of save_trainer_checkpoint's layout
 
 
 def find_checkpoint(directory: Path, marker: str) -> Path | None:
@@ -167,3 +169,56 @@ def load_weights_dir(model, directory: Path) -> None:
     for f in files:
         state.update(load_file(str(f), device="cpu"))
     load_full_weights(model, state, f"checkpoint {directory}")
+
+
+def save_trainer_checkpoint(acc, directory: Path, model, optimizer, scheduler, meta: dict,
+                            rows: list[dict], tokenizer=None) -> Path:
+    """The layout the SFT, reward-model and preference trainers share: the weights
+    (``save_pretrained``; gathered first under ZeRO-3), the tokenizer, ``scheduler.pt``,
+    ``scaler.pt`` (fp16), ``log_rows.json`` and ``meta`` as the marker ``state.json``, plus
+    :func:`save_checkpoint`'s optimizer and RNG files. A collective."""
+    weights = full_state_dict(acc, model)
+    unwrapped = acc.unwrap_model(model)
+
+    def write_main(tmp: Path) -> None:
+        unwrapped.save_pretrained(tmp, state_dict=weights)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if acc.scaler is not None:
+            torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
+        (tmp / "log_rows.json").write_text(json.dumps(rows))
+        write_json(tmp / MARKER, meta)  # last: its presence marks a complete checkpoint
+
+    path = save_checkpoint(acc, directory, optimizer, write_main)
+    if acc.is_main_process:
+        log.info("checkpoint at step %s saved in %s", meta.get("step"), path)
+    return path
+
+
+def read_trainer_checkpoint(directory: Path | None, expected: dict[str, Any]
+                            ) -> tuple[Path | None, dict[str, Any], list[dict]]:
+    """(path, state, log rows) of the complete checkpoint in ``directory``, or (None, {}, []).
+
+    ``expected`` maps state keys to this run's values (seed, data size, processes, ...); a
+    checkpoint that differs in any is refused with an error naming each difference.
+    """
+    path = find_checkpoint(directory, MARKER) if directory is not None else None
+    if path is None:
+        return None, {}, []
+    state = json.loads((path / MARKER).read_text())
+    changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
+    if changed:
+        raise ValueError(f"cannot resume from {path}: settings differ (checkpoint, now): "
+                         f"{changed}; use a fresh checkpoint directory")
+    return path, state, json.loads((path / "log_rows.json").read_text())
+
+
+def load_trainer_state(acc, optimizer, scheduler, path: Path) -> None:
+    """Restore what :func:`save_trainer_checkpoint` saved besides the weights and log rows
+    (after ``acc.prepare``): optimizer (this rank's shard under ZeRO), scheduler, RNG, scaler."""
+    load_optimizer(acc, optimizer, path)
+    scheduler.load_state_dict(load_torch(path / "scheduler.pt"))
+    load_rng(acc, path)
+    if acc.scaler is not None and (path / "scaler.pt").exists():
+        acc.scaler.load_state_dict(load_torch(path / "scaler.pt"))

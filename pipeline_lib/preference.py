@@ -32,7 +32,6 @@ when the policy is the reference and the log-ratios are not dropout noise.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -49,17 +48,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pipeline_lib.checkpoints import (
-    find_checkpoint,
-    load_optimizer,
-    load_rng,
-    load_torch,
+    load_trainer_state,
     load_weights_dir,
-    save_checkpoint,
-    write_json,
+    read_trainer_checkpoint,
+    save_trainer_checkpoint,
 )
 from pipeline_lib.distributed import (
     configure_deepspeed,
-    full_state_dict,
     global_mean_scale,
     local_part,
     reduce_sums,
@@ -450,17 +445,6 @@ def _encode_pairs(pairs: pl.DataFrame, tokenizer, max_positions: int | None) -> 
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints (layout and atomic swap: pipeline_lib.checkpoints; marker file: state.json)
-# --------------------------------------------------------------------------------------------
-
-_MARKER = "state.json"
-
-
-def _find_checkpoint(directory: Path) -> Path | None:
-    return find_checkpoint(directory, _MARKER)
-
-
-# --------------------------------------------------------------------------------------------
 # Trainer
 # --------------------------------------------------------------------------------------------
 
@@ -528,26 +512,11 @@ def train_preference(
     world, rank = acc.num_processes, acc.process_index
     cfg_dict = dataclasses.asdict(cfg)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    resume = _find_checkpoint(ckpt_dir) if ckpt_dir is not None else None
-    state: dict[str, Any] = {}
-    rows: list[dict] = []
+    invariants = {k: cfg_dict[k] for k in _RESUME_INVARIANT}
+    expected = dict(invariants=invariants, seed=seed, n_pairs=n_pairs, processes=world)
+    resume, state, rows = read_trainer_checkpoint(ckpt_dir, expected)
     if resume is not None:
-        state = json.loads((resume / _MARKER).read_text())
-        changed = {k: (state["config"].get(k), cfg_dict[k]) for k in _RESUME_INVARIANT
-                   if state["config"].get(k) != cfg_dict[k]}
-        if state.get("seed") != seed:
-            changed["seed"] = (state.get("seed"), seed)
-        if state.get("n_pairs") != n_pairs:
-            changed["n_pairs"] = (state.get("n_pairs"), n_pairs)
-        if state.get("processes", 1) != world:
-            changed["processes"] = (state.get("processes", 1), world)
-        if changed:
-            raise ValueError(
-                f"cannot resume from {resume}: settings differ (checkpoint, now): {changed}; "
-                "use a fresh checkpoint_dir"
-            )
         load_weights_dir(policy, resume)
-        rows = json.loads((resume / "log_rows.json").read_text())
         log.info("resuming %s from %s at step %d", cfg.method, resume, state["step"] + 1)
     else:
         torch.manual_seed(seed + rank)
@@ -560,11 +529,7 @@ def train_preference(
     model, optimizer, scheduler = acc.prepare(policy, optimizer, scheduler)
     step, tokens, pairs_seen, elapsed0 = 0, 0, 0, 0.0
     if resume is not None:
-        load_optimizer(acc, optimizer, resume)
-        scheduler.load_state_dict(load_torch(resume / "scheduler.pt"))
-        load_rng(acc, resume)
-        if acc.scaler is not None and (resume / "scaler.pt").exists():
-            acc.scaler.load_state_dict(load_torch(resume / "scaler.pt"))
+        load_trainer_state(acc, optimizer, scheduler, resume)
         step, tokens, pairs_seen = int(state["step"]), int(state["tokens"]), int(state["pairs"])
         elapsed0 = float(state["elapsed_s"])
     if cfg.disable_dropout:
@@ -572,29 +537,15 @@ def train_preference(
     else:
         model.train()
 
-    unwrapped = acc.unwrap_model(model)
     t0 = time.perf_counter() - elapsed0
     beta_used = effective_beta(cfg)
 
     def checkpoint() -> None:
         if ckpt_dir is None:
             return
-        weights = full_state_dict(acc, model)  # a collective under ZeRO-3
-        meta = dict(step=step, tokens=tokens, pairs=pairs_seen, total=total, seed=seed,
-                    n_pairs=n_pairs, config=cfg_dict, beta=beta_used, processes=world,
-                    elapsed_s=time.perf_counter() - t0)
-
-        def write_main(tmp: Path) -> None:
-            unwrapped.save_pretrained(tmp, state_dict=weights)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            if acc.scaler is not None:
-                torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
-            (tmp / "log_rows.json").write_text(json.dumps(rows))
-            write_json(tmp / _MARKER, meta)  # last: its presence marks a complete checkpoint
-
-        save_checkpoint(acc, ckpt_dir, optimizer, write_main)
+        meta = dict(expected, step=step, tokens=tokens, pairs=pairs_seen, total=total,
+                    config=cfg_dict, beta=beta_used, elapsed_s=time.perf_counter() - t0)
+        save_trainer_checkpoint(acc, ckpt_dir, model, optimizer, scheduler, meta, rows, tokenizer)
 
     def final_model():
         return unsharded_model(acc, model, lambda: _empty_model(model_config, "causal"))

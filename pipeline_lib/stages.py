@@ -145,12 +145,38 @@ def run_sft(
     corpus_test: PathLike,
     out_dir: PathLike,
     log_table: PathLike,
+    checkpoint_dir: PathLike | None = None,
     threads: int | None = None,
 ) -> None:
     """Train the reference policy: from scratch (BPE tokenizer + GPT-2) or from a local model
-    (in one process, or several: ``training.launch``)."""
-    _dispatch("sft", config, threads, Path(out_dir).parent, corpus_train=str(corpus_train),
-              corpus_test=str(corpus_test), out_dir=str(out_dir), log_table=str(log_table))
+    (in one process, or several: ``training.launch``). With ``checkpoint_dir``, a killed job
+    resumes from its last checkpoint (``sft.checkpoint_every``)."""
+    ckpt = _training_checkpoint(config, checkpoint_dir, ("policy", "sft"),
+                                [corpus_train, corpus_test])
+    _dispatch("sft", config, threads, ckpt or Path(out_dir).parent,
+              corpus_train=str(corpus_train), corpus_test=str(corpus_test), out_dir=str(out_dir),
+              log_table=str(log_table), checkpoint_dir=ckpt and str(ckpt))
+    _remove_checkpoint(ckpt)
+
+
+def _training_checkpoint(config: Mapping[str, Any], checkpoint_dir: PathLike | None,
+                         sections: Sequence[str], inputs: Sequence[PathLike], **extra: Any
+                         ) -> Path | None:
+    """The SFT / reward-model job's checkpoint directory, guarded by its config sections and
+    inputs (:func:`_checkpoint_guard`); None without one."""
+    if checkpoint_dir is None:
+        return None
+    ckpt = Path(checkpoint_dir)
+    settings = {k: config[k] for k in ("seed", "device", *sections)}
+    _checkpoint_guard(ckpt, {**settings, "launch": config["training"]["launch"], **extra},
+                      inputs)
+    return ckpt
+
+
+def _remove_checkpoint(ckpt: Path | None) -> None:
+    """The job is complete (outputs written): a rerun starts afresh."""
+    if ckpt is not None:
+        shutil.rmtree(ckpt, ignore_errors=True)
 
 
 def sft_job(
@@ -159,6 +185,7 @@ def sft_job(
     corpus_test: PathLike,
     out_dir: PathLike,
     log_table: PathLike,
+    checkpoint_dir: PathLike | None = None,
     threads: int | None = None,
 ) -> None:
     """The training of :func:`run_sft` (every rank of a launch); the main process writes."""
@@ -179,7 +206,8 @@ def sft_job(
         model = load_causal_lm(pol["base"])
         model.config.pad_token_id = tokenizer.pad_token_id
     cfg = {**config["sft"], "device": config["device"]}
-    rows, model = _train_sft(model, tokenizer, train_texts, val_texts, cfg, config)
+    rows, model = _train_sft(model, tokenizer, train_texts, val_texts, cfg, config,
+                             checkpoint_dir)
     if not _is_main_process():
         return
     with atomic_dir(out_dir) as tmp:
@@ -196,12 +224,13 @@ def _launch_info(config: Mapping[str, Any]) -> dict[str, Any]:
             "accelerate_config": config["training"]["launch"]["accelerate_config"]}
 
 
-def _train_sft(model, tokenizer, train_texts, val_texts, cfg, config):
+def _train_sft(model, tokenizer, train_texts, val_texts, cfg, config, checkpoint_dir=None):
     from pipeline_lib.training import train_sft
 
     return train_sft(model, tokenizer, train_texts, val_texts, cfg,
                      seed=derive_seed(config["seed"], "sft-order"),
-                     on_log=lambda r: log.info("sft %s", json.dumps(r)))
+                     on_log=lambda r: log.info("sft %s", json.dumps(r)),
+                     checkpoint_dir=checkpoint_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,18 +445,24 @@ def run_preferences(
 
 def run_reward_model(
     config: Mapping[str, Any], seed: int, preferences: PathLike, policy_dir: PathLike,
-    out_dir: PathLike, log_table: PathLike, threads: int | None = None,
+    out_dir: PathLike, log_table: PathLike, checkpoint_dir: PathLike | None = None,
+    threads: int | None = None,
 ) -> None:
     """Train one ensemble member: a one-logit classifier initialised from the SFT policy (in
-    one process, or several: ``training.launch``)."""
-    _dispatch("reward_model", config, threads, Path(out_dir).parent, seed=int(seed),
+    one process, or several: ``training.launch``). With ``checkpoint_dir``, a killed job
+    resumes from its last checkpoint (``reward_models.checkpoint_every``)."""
+    ckpt = _training_checkpoint(config, checkpoint_dir, ("reward_models",),
+                                [preferences, policy_dir], rm_seed=int(seed))
+    _dispatch("reward_model", config, threads, ckpt or Path(out_dir).parent, seed=int(seed),
               preferences=str(preferences), policy_dir=str(policy_dir), out_dir=str(out_dir),
-              log_table=str(log_table))
+              log_table=str(log_table), checkpoint_dir=ckpt and str(ckpt))
+    _remove_checkpoint(ckpt)
 
 
 def reward_model_job(
     config: Mapping[str, Any], seed: int, preferences: PathLike, policy_dir: PathLike,
-    out_dir: PathLike, log_table: PathLike, threads: int | None = None,
+    out_dir: PathLike, log_table: PathLike, checkpoint_dir: PathLike | None = None,
+    threads: int | None = None,
 ) -> None:
     """The training of :func:`run_reward_model` (every rank); the main process writes."""
     from transformers import AutoModelForSequenceClassification
@@ -446,7 +481,8 @@ def reward_model_job(
     texts_w = [p + r for p, r in zip(pairs["prompt"], pairs["chosen"], strict=True)]
     texts_l = [p + r for p, r in zip(pairs["prompt"], pairs["rejected"], strict=True)]
     rows, model = train_reward_model(model, tokenizer, texts_w, texts_l, cfg,
-                                     seed=derive_seed(seed, "rm-order"))
+                                     seed=derive_seed(seed, "rm-order"),
+                                     checkpoint_dir=checkpoint_dir)
     if not _is_main_process():
         return
     for r in rows:
@@ -625,14 +661,31 @@ def load_proxy(config: Mapping[str, Any], reward_models: Mapping[str, PathLike],
     return EnsembleProxy(scorers, cfg["objective"], cfg["uwo_lambda"], stats)
 
 
-def _checkpoint_guard(checkpoint_dir: Path, spec_blob: str) -> None:
-    """Resume only a checkpoint made by the same run settings; otherwise start afresh."""
+def _input_fingerprint(paths: Sequence[PathLike | None]) -> list[list]:
+    """(path, size, mtime_ns) of every file of the inputs (directories walked): an input that
+    an upstream job rewrote no longer matches a checkpoint made on the old one."""
+    out = []
+    for p in (Path(p) for p in paths if p is not None):
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            st = f.stat()
+            out.append([str(f), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _checkpoint_guard(checkpoint_dir: Path, settings: Mapping[str, Any],
+                      inputs: Sequence[PathLike | None]) -> None:
+    """Resume only a checkpoint made by the same settings and inputs; otherwise start afresh
+    (the trainers also refuse a checkpoint of another seed, data size or process count)."""
+    blob = json.dumps({"settings": settings, "inputs": _input_fingerprint(inputs)},
+                      sort_keys=True, default=str)
     marker = checkpoint_dir / "run.json"
-    if checkpoint_dir.exists() and (not marker.exists() or marker.read_text() != spec_blob):
-        log.warning("checkpoint %s belongs to other settings; starting afresh", checkpoint_dir)
+    if checkpoint_dir.exists() and (not marker.exists() or marker.read_text() != blob):
+        log.warning("checkpoint %s belongs to other settings or inputs; starting afresh",
+                    checkpoint_dir)
         shutil.rmtree(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(spec_blob)
+    marker.write_text(blob)
 
 
 def run_train(
@@ -659,13 +712,15 @@ def run_train(
 
     spec = method_runs(config)[name]
     ckpt = Path(checkpoint_dir)
-    _checkpoint_guard(ckpt, json.dumps({"spec": spec, "training": config["training"],
-                                        "config_hash": config_hash(config)}, sort_keys=True,
-                                       default=str))
+    _checkpoint_guard(ckpt, {"spec": spec, "training": config["training"],
+                             "config_hash": config_hash(config)},
+                      [policy_dir, prompts_path, cdf_path, rewards_path, pairs_path,
+                       *(reward_models or {}).values()])
     _dispatch("train", config, threads, ckpt, name=name, policy_dir=policy_dir, out_dir=out_dir,
               log_table=log_table, checkpoint_dir=ckpt, prompts_path=prompts_path,
               cdf_path=cdf_path, rewards_path=rewards_path, pairs_path=pairs_path,
               reward_models={k: str(v) for k, v in (reward_models or {}).items()})
+    _remove_checkpoint(ckpt)
 
 
 def train_job(
@@ -683,7 +738,7 @@ def train_job(
     threads: int | None = None,
 ) -> None:
     """The training of :func:`run_train`, in one process or in each rank of a launch; the
-    main process writes the policy and the log table and removes the checkpoint."""
+    main process writes the policy and the log table."""
     from pipeline_lib.methods import PPO_METHODS, kl_coefficient, method_runs
 
     spec = method_runs(config)[name]
@@ -719,7 +774,6 @@ def train_job(
     write_table(_policy_log_rows(rows, method), log_table, "policy_log",
                 provenance(config, "train", run=name, method=method, spec=spec,
                            **_launch_info(config), **extra))
-    shutil.rmtree(ckpt, ignore_errors=True)  # the run is complete: a rerun starts afresh
 
 
 def _train_ppo_method(config, spec, tokenizer, policy, prompts_path, cdf_path, rewards_path,

@@ -13,15 +13,24 @@ on every rank over the whole held-out set. In one process nothing changes.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline_lib.checkpoints import (
+    load_trainer_state,
+    load_weights_dir,
+    read_trainer_checkpoint,
+    save_trainer_checkpoint,
+)
 from pipeline_lib.distributed import (
     configure_deepspeed,
     global_mean_scale,
@@ -32,6 +41,8 @@ from pipeline_lib.distributed import (
 from pipeline_lib.generation import pad_batch
 from pipeline_lib.losses import bradley_terry_loss
 from pipeline_lib.modeling import encode_prompt
+
+log = logging.getLogger(__name__)
 
 
 def _accelerator(cfg: Mapping[str, Any]):
@@ -119,12 +130,14 @@ def train_sft(
     cfg: Mapping[str, Any],
     seed: int,
     on_log: Callable[[dict], None] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
 ):
     """Causal-LM fine-tuning (or from-scratch training) on ``train_texts``.
 
     cfg keys: epochs, max_steps (optional), batch_size, lr, weight_decay, warmup_steps,
-    max_length, log_every, eval_every, device, mixed_precision.
-    Returns (log rows, the trained model unwrapped from accelerate).
+    max_length, log_every, eval_every, checkpoint_every (0 = none), device, mixed_precision.
+    Returns (log rows, including those restored from a checkpoint; the trained model
+    unwrapped from accelerate). ``on_log`` sees new rows only.
     """
     acc = _accelerator(cfg)
     world, rank = acc.num_processes, acc.process_index
@@ -137,18 +150,31 @@ def train_sft(
     total = steps_per_epoch * int(cfg["epochs"])
     if cfg.get("max_steps"):
         total = min(total, int(cfg["max_steps"]))
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    expected = dict(trainer="sft", seed=seed, examples=len(train), processes=world)
+    resume, state, rows = read_trainer_checkpoint(ckpt_dir, expected)
+    if resume is not None:
+        load_weights_dir(model, resume)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"])
     )
     scheduler = _scheduler(optimizer, int(cfg["warmup_steps"]), total)
     configure_deepspeed(acc, math.ceil(bs / world), None)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    step, tokens, elapsed0 = 0, 0, 0.0
+    if resume is not None:
+        load_trainer_state(acc, optimizer, scheduler, resume)
+        step, tokens, elapsed0 = int(state["step"]), int(state["tokens"]), state["elapsed_s"]
+        log.info("resuming sft from %s at step %d", resume, step + 1)
     model.train()
     rng = np.random.default_rng(seed)
-    rows: list[dict] = []
-    step, tokens, t0 = 0, 0, time.perf_counter()
+    epoch, skip = divmod(step, steps_per_epoch)
+    for _ in range(epoch):  # replay the data order of the epochs already trained
+        _batches(len(train), bs, rng)
+    t0 = time.perf_counter() - elapsed0
     log_every, eval_every = int(cfg["log_every"]), int(cfg.get("eval_every") or 0)
-    bar = tqdm(total=total, desc="sft", unit="step", mininterval=5.0,
+    every = int(cfg.get("checkpoint_every") or 0)
+    bar = tqdm(total=total, initial=step, desc="sft", unit="step", mininterval=5.0,
                disable=not acc.is_main_process)
 
     def emit(row: dict) -> None:
@@ -157,7 +183,7 @@ def train_sft(
             on_log(row)
 
     while step < total:
-        for idx in _batches(len(train), bs, rng):
+        for idx in _batches(len(train), bs, rng)[skip:]:
             local, weight = local_part(idx, rank, world)
             loss, _ = _lm_loss(model, [train[i] for i in local], pad_id, acc.device)
             shown = loss
@@ -174,7 +200,8 @@ def train_sft(
             tokens += sum(len(train[i]) for i in idx)
             bar.update(1)
             if step % log_every == 0 or step == total:
-                value = float(shown) if world == 1 else reduce_sums(acc, [shown.detach()])[0]
+                value = (float(shown.detach()) if world == 1
+                         else reduce_sums(acc, [shown.detach()])[0])
                 emit(dict(step=step, split="train", epoch=step / steps_per_epoch,
                           loss=value, lr=scheduler.get_last_lr()[0], tokens=tokens,
                           accuracy=None, elapsed_s=time.perf_counter() - t0))
@@ -183,8 +210,13 @@ def train_sft(
                           loss=lm_eval_loss(model, val, pad_id, acc.device, bs),
                           lr=scheduler.get_last_lr()[0], tokens=tokens, accuracy=None,
                           elapsed_s=time.perf_counter() - t0))
+            if ckpt_dir is not None and every and step % every == 0 and step < total:
+                meta = dict(expected, step=step, tokens=tokens, total=total,
+                            elapsed_s=time.perf_counter() - t0)
+                save_trainer_checkpoint(acc, ckpt_dir, model, optimizer, scheduler, meta, rows)
             if step >= total:
                 break
+        skip = 0
     bar.close()
     return rows, unsharded_model(acc, model, lambda: _empty_model(model_config, "causal"))
 
@@ -224,9 +256,11 @@ def train_reward_model(
     rejected: Sequence[str],
     cfg: Mapping[str, Any],
     seed: int,
+    checkpoint_dir: str | os.PathLike | None = None,
 ):
     """Pairwise Bradley-Terry training; ``seed`` fixes head init (done by the caller) and
     data order. A ``val_fraction`` of pairs is held out and evaluated at the end.
+    ``cfg["checkpoint_every"]`` (0 = none) steps between checkpoints in ``checkpoint_dir``.
     Returns (log rows, the trained model)."""
     acc = _accelerator(cfg)
     world, rank = acc.num_processes, acc.process_index
@@ -239,18 +273,31 @@ def train_reward_model(
     bs, max_len = int(cfg["batch_size"]), int(cfg["max_length"])
     steps_per_epoch = math.ceil(len(train_idx) / bs)
     total = steps_per_epoch * int(cfg["epochs"])
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    expected = dict(trainer="reward_model", seed=seed, pairs=n, processes=world)
+    resume, state, rows = read_trainer_checkpoint(ckpt_dir, expected)
+    if resume is not None:
+        load_weights_dir(model, resume)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(cfg["lr"]),
                                   weight_decay=float(cfg["weight_decay"]))
     scheduler = _scheduler(optimizer, int(cfg["warmup_steps"]), total)
     configure_deepspeed(acc, math.ceil(bs / world), None)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    step, elapsed0 = 0, 0.0
+    if resume is not None:
+        load_trainer_state(acc, optimizer, scheduler, resume)
+        step, elapsed0 = int(state["step"]), state["elapsed_s"]
+        log.info("resuming the reward model from %s at step %d", resume, step + 1)
     model.train()
-    rows: list[dict] = []
-    step, t0 = 0, time.perf_counter()
-    bar = tqdm(total=total, desc=f"reward model seed {seed}", unit="step", mininterval=5.0,
-               disable=not acc.is_main_process)
-    for _ in range(int(cfg["epochs"])):
-        for b in _batches(len(train_idx), bs, rng):
+    first_epoch, skip = divmod(step, steps_per_epoch)
+    for _ in range(first_epoch):  # replay the data order of the epochs already trained
+        _batches(len(train_idx), bs, rng)
+    t0 = time.perf_counter() - elapsed0
+    every = int(cfg.get("checkpoint_every") or 0)
+    bar = tqdm(total=total, initial=step, desc=f"reward model seed {seed}", unit="step",
+               mininterval=5.0, disable=not acc.is_main_process)
+    for _ in range(first_epoch, int(cfg["epochs"])):
+        for b in _batches(len(train_idx), bs, rng)[skip:]:
             batch_idx = train_idx[b]
             idx, weight = local_part(batch_idx, rank, world)
             sw = _rm_scores(model, tokenizer, [chosen[i] for i in idx], max_len, acc.device)
@@ -268,7 +315,7 @@ def train_reward_model(
             bar.update(1)
             if step % int(cfg["log_every"]) == 0 or step == total:
                 if world == 1:
-                    value, accuracy = float(loss), float((sw > sl).float().mean())
+                    value, accuracy = float(loss.detach()), float((sw > sl).float().mean())
                 else:
                     loss_sum, right = reduce_sums(acc, [per_pair.detach().sum() * weight,
                                                         (sw > sl).float().sum() * weight])
@@ -277,6 +324,10 @@ def train_reward_model(
                                  loss=value, lr=scheduler.get_last_lr()[0],
                                  tokens=step * bs, accuracy=accuracy,
                                  elapsed_s=time.perf_counter() - t0))
+            if ckpt_dir is not None and every and step % every == 0 and step < total:
+                meta = dict(expected, step=step, total=total, elapsed_s=time.perf_counter() - t0)
+                save_trainer_checkpoint(acc, ckpt_dir, model, optimizer, scheduler, meta, rows)
+        skip = 0
     bar.close()
     if n_val:
         vloss, vacc = pairwise_accuracy(model, tokenizer, [chosen[i] for i in val_idx],

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +149,10 @@ def test_logs_have_progress_and_losses(run):
     assert set(rm["split"]) == {"train", "val"}
     sft = read_polars(run / "logs/sft.parquet", "train_log").filter(pl.col("split") == "train")
     assert sft["loss"][-1] < sft["loss"][0]  # training moved the loss
+    # checkpoints were written (tiny.yaml: every 10 SFT / 2 RM steps) and removed at the end
+    assert "checkpoint at step 20 saved in" in log
+    assert "checkpoint at step 2 saved in" in (run / "logs/rm-seed1.log").read_text()
+    assert not (run / "checkpoints/sft").exists() and not (run / "checkpoints/rm-seed1").exists()
 
 
 def test_every_method_trains_and_its_loss_moves(run):
@@ -317,3 +323,48 @@ def test_training_jobs_under_accelerate_launch_ddp(run, tmp_path):
         last, one_last = (t.filter(pl.col("split") == "train")["loss"][-1]
                           for t in (table, one_table))
         assert last == pytest.approx(one_last, rel=0.05), target
+
+
+def test_killed_sft_job_resumes_from_its_checkpoint_with_rerun_incomplete(tmp_path):
+    """Snakemake killed (SIGKILL, as a lost node or a wall-time kill) during the SFT job; the
+    rerun with --rerun-incomplete resumes at the checkpoint and trains the same model as an
+    uninterrupted run."""
+    from safetensors.torch import load_file
+
+    config = cfg()
+    config["sft"].update(max_steps=200, checkpoint_every=20, log_every=20)
+    configfile = tmp_path / "tiny-long-sft.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    target = "results/tiny/models/sft"
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    snakemake(whole, target, configfile=configfile)
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
+           "--directory", str(killed), "--configfile", str(configfile), "--cores", "2", target]
+    proc = subprocess.Popen(cmd, cwd=killed, env={**os.environ, "PYTHONHASHSEED": "0"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    state = killed / "results/tiny/checkpoints/sft/last/state.json"
+    deadline = time.monotonic() + 600
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert state.exists() and not (killed / target).exists(), "not killed mid-training"
+
+    snakemake(killed, target, "--unlock", configfile=configfile)  # a killed run keeps its lock
+    out = snakemake(killed, target, "--rerun-incomplete", configfile=configfile)
+    log = (killed / "results/tiny/logs/sft.log").read_text()
+    assert "resuming sft from" in log, out.stdout + out.stderr
+    assert not (killed / "results/tiny/checkpoints/sft").exists()
+    a = load_file(str(whole / target / "model.safetensors"))
+    b = load_file(str(killed / target / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    rows_a = read_polars(whole / "results/tiny/logs/sft.parquet", "train_log")
+    rows_b = read_polars(killed / "results/tiny/logs/sft.parquet", "train_log")
+    assert rows_a["step"].to_list() == rows_b["step"].to_list()
+    assert rows_b["loss"].to_list() == pytest.approx(rows_a["loss"].to_list(), abs=1e-6)

@@ -7,7 +7,8 @@ two processes, a process group, gradient all-reduce or ZeRO partitioning.
 * The preference, SFT and reward-model trainers split each global batch over the ranks, so two
   processes must train the same weights as one (up to float summation order), also when a
   batch leaves a rank without pairs (11 pairs, batch 5: the last batch has one pair) or splits
-  unevenly.
+  unevenly. The SFT and reward-model runs in two processes are killed after a checkpoint and
+  resumed on the way.
 * PPO cannot match one process (each rank samples its own responses), so its test is that a
   run killed after a checkpoint and resumed under the same launch ends exactly where an
   uninterrupted run ends: per-rank RNG states, optimizer (shards under ZeRO) and weights
@@ -104,11 +105,20 @@ def test_preference_in_two_processes_trains_what_one_process_trains(config, tmp_
 ])
 def test_sft_and_reward_models_in_two_processes_train_what_one_process_trains(
         config, trainer, keys, tmp_path):
+    """The two-process run is also killed after its step-2 checkpoint and resumed."""
     steps = 5
     one = in_process({"trainer": trainer, "out": str(tmp_path / "one"), "steps": steps,
                       "seed": 3})
-    two = launch(config, {"trainer": trainer, "out": str(tmp_path / "two"), "steps": steps,
-                          "seed": 3}, tmp_path)
+    args = {"trainer": trainer, "out": str(tmp_path / "two"), "steps": steps, "seed": 3,
+            "checkpoint_dir": str(tmp_path / "ckpt")}
+    with pytest.raises(AssertionError, match=r"launch failed \(\d+\)"):
+        launch(config, {**args, "kill_after_checkpoint": 2}, tmp_path)
+    assert json.loads((tmp_path / "ckpt/last/state.json").read_text())["step"] == 2
+    if config.startswith("zero"):
+        assert len(list((tmp_path / "ckpt/last").glob("optimizer-rank*.pt"))) == 2
+    saved = json.loads((tmp_path / "ckpt/last/log_rows.json").read_text())
+    two = launch(config, args, tmp_path)
+    assert two["rows"][: len(saved)] == saved  # restored (elapsed_s too): it resumed
     other_seed = in_process({"trainer": trainer, "out": str(tmp_path / "other"),
                              "steps": steps, "seed": 4})
     assert max_diff(one["weights"], other_seed["weights"]) > 1e-3

@@ -5,7 +5,9 @@
         tests/launch/worker.py ARGS.json                                     # several
 
 ARGS: {"trainer": "preference" | "ppo" | "sft" | "rm", "out": dir, "steps": int, "seed": int,
-       "checkpoint_dir": dir | null, "method": "dpo" | ... (preference only)}.
+       "checkpoint_dir": dir | null, "method": "dpo" | ... (preference only),
+       "kill_after_checkpoint": step | null (sft, rm: every rank exits with status 3 right after
+       the checkpoint of that step, as a killed job would)}.
 The main process writes ``out/weights.safetensors`` (the trained policy) and ``out/rows.json``.
 Model, tokenizer and data are built deterministically from fixed seeds, so every process and
 every run sees the same ones.
@@ -90,17 +92,38 @@ def texts(n: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(WORDS, size=rng.integers(2, 9))) for _ in range(n)]
 
 
+def _kill_after_checkpoint(step: int) -> None:
+    """Every rank exits (status 3, no cleanup) once the checkpoint of ``step`` is complete."""
+    import os
+
+    from pipeline_lib import training
+
+    save = training.save_trainer_checkpoint
+
+    def save_then_die(acc, directory, model, optimizer, scheduler, meta, rows, tokenizer=None):
+        path = save(acc, directory, model, optimizer, scheduler, meta, rows, tokenizer)
+        if meta["step"] == step:
+            os._exit(3)
+        return path
+
+    training.save_trainer_checkpoint = save_then_die
+
+
 def run(args: dict) -> tuple[list[dict], object]:
     torch.set_num_threads(1)
     tok = tokenizer()
     policy = model(tok)
     common = {"lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 1, "batch_size": 5,
               "max_length": 16, "log_every": 1, "device": "cpu"}
+    if args.get("kill_after_checkpoint"):
+        _kill_after_checkpoint(int(args["kill_after_checkpoint"]))
+    ckpt = {"checkpoint_dir": args.get("checkpoint_dir")}
     if args["trainer"] == "sft":  # 23 texts in batches of 5: the last batch has 3
         from pipeline_lib.training import train_sft
 
-        cfg = {**common, "epochs": 3, "max_steps": args["steps"], "eval_every": 2}
-        return train_sft(policy, tok, texts(23, 0), texts(7, 1), cfg, seed=args["seed"])
+        cfg = {**common, "epochs": 3, "max_steps": args["steps"], "eval_every": 2,
+               "checkpoint_every": 2}
+        return train_sft(policy, tok, texts(23, 0), texts(7, 1), cfg, seed=args["seed"], **ckpt)
     if args["trainer"] == "rm":  # 14 training pairs in batches of 5: the last has 4
         from transformers import GPT2ForSequenceClassification
 
@@ -110,8 +133,10 @@ def run(args: dict) -> tuple[list[dict], object]:
         config = policy.config
         config.num_labels = 1
         rm = GPT2ForSequenceClassification(config)
-        cfg = {**common, "epochs": 2, "val_fraction": 0.2, "center_coef": 0.01}
-        return train_reward_model(rm, tok, texts(18, 2), texts(18, 3), cfg, seed=args["seed"])
+        cfg = {**common, "epochs": 2, "val_fraction": 0.2, "center_coef": 0.01,
+               "checkpoint_every": 2}
+        return train_reward_model(rm, tok, texts(18, 2), texts(18, 3), cfg, seed=args["seed"],
+                                  **ckpt)
     if args["trainer"] == "preference":
         from pipeline_lib.preference import PreferenceConfig, train_preference
 

@@ -1,5 +1,7 @@
 """Stage-level behaviour on a tiny model: sharding, reference log-probs, bad inputs."""
 
+import os
+
 import numpy as np
 import polars as pl
 import pytest
@@ -187,3 +189,24 @@ def test_prs_strategy_cache_records_layers_and_is_refused_by_cdf(tiny_policy_dir
     rp, _ = _cache(tmp_path, m=4)
     with pytest.raises(StageError, match="not i.i.d. sampling from pi_ref"):
         run_cdf(config, "train", rp, out, tmp_path / "cdf.parquet")
+
+
+def test_checkpoint_guard_keeps_only_a_checkpoint_of_the_same_settings_and_inputs(tmp_path):
+    from pipeline_lib.stages import _checkpoint_guard
+
+    table = tmp_path / "pairs.parquet"
+    table.write_bytes(b"x")
+    model = tmp_path / "sft"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"w")
+    ckpt = tmp_path / "ckpt"
+    _checkpoint_guard(ckpt, {"lr": 1}, [table, model, None])
+    (ckpt / "last").mkdir()
+    _checkpoint_guard(ckpt, {"lr": 1}, [table, model, None])
+    assert (ckpt / "last").exists()  # same settings and inputs: resumable
+    _checkpoint_guard(ckpt, {"lr": 2}, [table, model])
+    assert ckpt.exists() and not (ckpt / "last").exists()  # other settings: afresh
+    (ckpt / "last").mkdir()
+    os.utime(model / "model.safetensors", ns=(1, 1))  # an upstream job rewrote an input
+    _checkpoint_guard(ckpt, {"lr": 2}, [table, model])
+    assert not (ckpt / "last").exists()

@@ -28,6 +28,7 @@ rule reward_model:
         log_table=f"{R}/logs/rm-seed{{seed}}.parquet",
     params:
         cfg=section("seed", "device", "reward_models"),
+        checkpoint_dir=lambda wc: f"{R}/checkpoints/rm-seed{wc.seed}",
     log:
         f"{R}/logs/rm-seed{{seed}}.log",
     threads: THREADS

@@ -8,6 +8,7 @@ rule sft:
         log_table=f"{R}/logs/sft.parquet",
     params:
         cfg=section("seed", "device", "policy", "sft"),
+        checkpoint_dir=f"{R}/checkpoints/sft",
     log:
         f"{R}/logs/sft.log",
     threads: THREADS

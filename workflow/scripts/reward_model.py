@@ -10,5 +10,6 @@ with job_logging(snakemake.log[0], f"{snakemake.rule} seed {snakemake.wildcards.
         policy_dir=snakemake.input.policy,
         out_dir=snakemake.output.model,
         log_table=snakemake.output.log_table,
+        checkpoint_dir=snakemake.params.checkpoint_dir,
         threads=snakemake.threads,
     )

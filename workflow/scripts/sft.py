@@ -9,5 +9,6 @@ with job_logging(snakemake.log[0], snakemake.rule):
         corpus_test=snakemake.input.corpus_test,
         out_dir=snakemake.output.model,
         log_table=snakemake.output.log_table,
+        checkpoint_dir=snakemake.params.checkpoint_dir,
         threads=snakemake.threads,
     )
