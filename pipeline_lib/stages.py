@@ -151,17 +151,19 @@ def run_sft(
     """Train the reference policy: from scratch (BPE tokenizer + GPT-2) or from a local model
     (in one process, or several: ``training.launch``). With ``checkpoint_dir``, a killed job
     resumes from its last checkpoint (``sft.checkpoint_every``)."""
+    base = config["policy"]["base"]
     ckpt = _training_checkpoint(config, checkpoint_dir, ("policy", "sft"),
-                                [corpus_train, corpus_test])
+                                [corpus_train, corpus_test, None if base == "scratch" else base])
     _dispatch("sft", config, threads, ckpt or Path(out_dir).parent,
               corpus_train=str(corpus_train), corpus_test=str(corpus_test), out_dir=str(out_dir),
               log_table=str(log_table), checkpoint_dir=ckpt and str(ckpt))
     _remove_checkpoint(ckpt)
 
 
-def _training_checkpoint(config: Mapping[str, Any], checkpoint_dir: PathLike | None,
-                         sections: Sequence[str], inputs: Sequence[PathLike], **extra: Any
-                         ) -> Path | None:
+def _training_checkpoint(
+    config: Mapping[str, Any], checkpoint_dir: PathLike | None, sections: Sequence[str],
+    inputs: Sequence[PathLike | None], **extra: Any,
+) -> Path | None:
     """The SFT / reward-model job's checkpoint directory, guarded by its config sections and
     inputs (:func:`_checkpoint_guard`); None without one."""
     if checkpoint_dir is None:

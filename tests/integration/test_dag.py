@@ -149,9 +149,8 @@ def test_logs_have_progress_and_losses(run):
     assert set(rm["split"]) == {"train", "val"}
     sft = read_polars(run / "logs/sft.parquet", "train_log").filter(pl.col("split") == "train")
     assert sft["loss"][-1] < sft["loss"][0]  # training moved the loss
-    # checkpoints were written (tiny.yaml: every 10 SFT / 2 RM steps) and removed at the end
+    # checkpoints were written (tiny.yaml: every 10 SFT steps) and removed at the end
     assert "checkpoint at step 20 saved in" in log
-    assert "checkpoint at step 2 saved in" in (run / "logs/rm-seed1.log").read_text()
     assert not (run / "checkpoints/sft").exists() and not (run / "checkpoints/rm-seed1").exists()
 
 
