@@ -1,7 +1,7 @@
 """Benchmark: the vectorised BoN curve against a straightforward per-prompt loop.
 
 Computes the BoN curve (expected proxy and gold reward of the proxy-best of n) for P prompts x M
-cached samples and ALL n = 1..M with :func:`pipeline_lib.evaluation.bon_curve`, and times a
+cached samples and ALL n = 1..M with :func:`pipeline_lib.math.bon.bon_curve`, and times a
 straightforward implementation of the same estimator (per-prompt Python loop: sort, average gold
 over proxy ties, then for each n a loop over ranks i computing C(i-1, n-1)/C(M, n) with
 ``math.lgamma``).  The straightforward version needs ``P · M (M + 1) / 2`` inner iterations (about
@@ -29,7 +29,7 @@ try:
 except ImportError:  # not pip-installed: run from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline_lib.evaluation import bon_curve  # noqa: E402
+from pipeline_lib.math.bon import bon_curve
 
 
 def naive_setup(proxy_row: np.ndarray, gold_row: np.ndarray) -> tuple[list[float], list[float]]:

@@ -23,7 +23,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline_lib.cdf import group_sorted_matrix, self_cdf_matrix
+from pipeline_lib.math.cdf import group_sorted_matrix, self_cdf_matrix
 
 
 def vectorised(codes: np.ndarray, rewards: np.ndarray, p: int, m: int):

@@ -32,19 +32,14 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline_lib.generation import (
-    HFBackend,
-    SamplingParams,
-    prompt_groups,
-    sample_groups,
-    sequence_logprobs,
-)
-from pipeline_lib.modeling import (
+from pipeline_lib.generation.hf import HFBackend, sequence_logprobs
+from pipeline_lib.generation.sampling import SamplingParams, prompt_groups, sample_groups
+from pipeline_lib.models.device import pick_device
+from pipeline_lib.models.encoding import encode_prompt
+from pipeline_lib.models.loading import (
     build_scratch_policy,
-    encode_prompt,
     load_causal_lm,
     load_tokenizer,
-    pick_device,
     save_model,
     train_tokenizer,
 )
@@ -61,7 +56,7 @@ def scratch_model(directory: Path, layers: int, width: int) -> Path:
     texts = prompt_texts(512) * 4
     tok = train_tokenizer(texts, vocab_size=2048)
     torch.manual_seed(0)
-    model = build_scratch_policy(tok, {"n_positions": 512, "n_layer": layers, "n_embd": width,
+    model = build_scratch_policy(tok, **{"n_positions": 512, "n_layer": layers, "n_embd": width,
                                        "n_head": max(1, width // 64)})
     save_model(model, tok, directory)
     return directory
@@ -72,7 +67,7 @@ def make_backend(name: str, model_dir: Path, device, args):
     model = load_causal_lm(model_dir, device, "--model")
     if name == "hf":
         return HFBackend(model, tok, device)
-    from pipeline_lib.generation import VLLMBackend
+    from pipeline_lib.generation.vllm import VLLMBackend
 
     return VLLMBackend(model_dir, tok, model, device, gpu_memory_utilization=args.vllm_memory,
                        dtype=args.vllm_dtype, seed=0)

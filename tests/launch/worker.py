@@ -23,6 +23,8 @@ import numpy as np
 import polars as pl
 import torch
 
+from pipeline_lib.settings.sections import RewardModelSettings, SFTSettings
+
 WORDS = list("abcdefghijklmnop")
 PROMPTS = ["a b", "c d e", "f", "g h i j", "k l", "m n o p", "a c e", "b d f"]
 
@@ -57,8 +59,8 @@ def model(tok):
 
 def pairs(tok, policy, n_pairs: int = 11) -> pl.DataFrame:
     """Random best/worst responses with their reference log-probs under ``policy``."""
-    from pipeline_lib.modeling import encode_prompt
-    from pipeline_lib.preference import policy_logprobs
+    from pipeline_lib.models.encoding import encode_prompt
+    from pipeline_lib.train.preference import policy_logprobs
 
     rng = np.random.default_rng(0)
     ids = [tok.convert_tokens_to_ids(w) for w in WORDS]
@@ -96,9 +98,9 @@ def _kill_after_checkpoint(step: int) -> None:
     """Every rank exits (status 3, no cleanup) once the checkpoint of ``step`` is complete."""
     import os
 
-    from pipeline_lib import training
+    from pipeline_lib.train import reward_model, sft
 
-    save = training.save_trainer_checkpoint
+    save = sft.save_trainer_checkpoint
 
     def save_then_die(acc, directory, model, optimizer, scheduler, meta, rows, tokenizer=None):
         path = save(acc, directory, model, optimizer, scheduler, meta, rows, tokenizer)
@@ -106,7 +108,8 @@ def _kill_after_checkpoint(step: int) -> None:
             os._exit(3)
         return path
 
-    training.save_trainer_checkpoint = save_then_die
+    sft.save_trainer_checkpoint = save_then_die
+    reward_model.save_trainer_checkpoint = save_then_die
 
 
 def run(args: dict) -> tuple[list[dict], object]:
@@ -114,31 +117,32 @@ def run(args: dict) -> tuple[list[dict], object]:
     tok = tokenizer()
     policy = model(tok)
     common = {"lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 1, "batch_size": 5,
-              "max_length": 16, "log_every": 1, "device": "cpu"}
+              "max_length": 16, "log_every": 1, "mixed_precision": "no"}
     if args.get("kill_after_checkpoint"):
         _kill_after_checkpoint(int(args["kill_after_checkpoint"]))
     ckpt = {"checkpoint_dir": args.get("checkpoint_dir")}
     if args["trainer"] == "sft":  # 23 texts in batches of 5: the last batch has 3
-        from pipeline_lib.training import train_sft
+        from pipeline_lib.train.sft import train_sft
 
-        cfg = {**common, "epochs": 3, "max_steps": args["steps"], "eval_every": 2,
-               "checkpoint_every": 2}
-        return train_sft(policy, tok, texts(23, 0), texts(7, 1), cfg, seed=args["seed"], **ckpt)
+        cfg = SFTSettings(**common, epochs=3, max_steps=args["steps"], eval_every=2,
+                          checkpoint_every=2)
+        return train_sft(policy, tok, texts(23, 0), texts(7, 1), cfg, "cpu", seed=args["seed"],
+                         **ckpt)
     if args["trainer"] == "rm":  # 14 training pairs in batches of 5: the last has 4
         from transformers import GPT2ForSequenceClassification
 
-        from pipeline_lib.training import train_reward_model
+        from pipeline_lib.train.reward_model import train_reward_model
 
         torch.manual_seed(0)
         config = policy.config
         config.num_labels = 1
         rm = GPT2ForSequenceClassification(config)
-        cfg = {**common, "epochs": 2, "val_fraction": 0.2, "center_coef": 0.01,
-               "checkpoint_every": 2}
-        return train_reward_model(rm, tok, texts(18, 2), texts(18, 3), cfg, seed=args["seed"],
-                                  **ckpt)
+        cfg = RewardModelSettings(**common, seeds=(1,), epochs=2, val_fraction=0.2,
+                                  center_coef=0.01, checkpoint_every=2)
+        return train_reward_model(rm, tok, texts(18, 2), texts(18, 3), cfg, "cpu",
+                                  seed=args["seed"], **ckpt)
     if args["trainer"] == "preference":
-        from pipeline_lib.preference import PreferenceConfig, train_preference
+        from pipeline_lib.train.preference import PreferenceConfig, train_preference
 
         data = pairs(tok, policy)
         cfg = PreferenceConfig(method=args.get("method", "dpo"), beta=0.1, batch_size=5,
@@ -146,7 +150,8 @@ def run(args: dict) -> tuple[list[dict], object]:
                                warmup_steps=1, device="cpu")
         return train_preference(policy, tok, data, cfg, seed=args["seed"],
                                 checkpoint_dir=args.get("checkpoint_dir"))
-    from pipeline_lib.ppo import PPOConfig, train_ppo
+    from pipeline_lib.train.ppo.config import PPOConfig
+    from pipeline_lib.train.ppo.trainer import train_ppo
 
     cfg = PPOConfig(steps=args["steps"], rollout_batch_size=4, minibatch_size=2, ppo_epochs=2,
                     lr=3e-3, kl_coef=0.01, max_new_tokens=6, checkpoint_every=1, device="cpu",
@@ -169,7 +174,7 @@ def main() -> None:
         save_file({k: v.detach().contiguous() for k, v in trained.state_dict().items()
                    if k != "lm_head.weight"}, str(out / "weights.safetensors"))  # tied to wte
         (out / "rows.json").write_text(json.dumps(rows))
-    from pipeline_lib.distributed import exit_launched_process
+    from pipeline_lib.train.distributed import exit_launched_process
 
     exit_launched_process()
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline_lib.cdf import (
+from pipeline_lib.math.cdf import (
     batched_empirical_cdf,
     cdf_at_or_below,
     cdf_below,

@@ -4,13 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline_lib.config import (
-    ConfigError,
-    canonical,
-    config_hash,
-    load_config,
-    validate_config,
-)
+from pipeline_lib.settings.config import canonical, config_hash, load_config, validate_config
+from pipeline_lib.settings.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,10 +85,9 @@ def test_bad_method_runs_fail_at_validation(entry, message):
 
 
 def test_method_run_names():
-    from pipeline_lib.methods import method_runs
+    from pipeline_lib.settings.sections import Settings
 
-    cfg = validate_config(default())
-    names = list(method_runs(cfg))
+    names = list(Settings.from_config(validate_config(default())).methods)
     assert names == ["ppo-b0.05", "vbon-n8-exact", "bond-n8-w0.5", "dpo-n8-b0.1", "ipo-n8-b0.1",
                      "bonbon-n8", "bon_sft-n8"]
 

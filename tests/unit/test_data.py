@@ -3,16 +3,22 @@ import json
 import polars as pl
 import pytest
 
-from pipeline_lib.data import (
+from pipeline_lib.io.corpus import (
     CorpusError,
     builtin_corpus_path,
     load_corpus,
     make_prompts,
     split_by_group,
 )
+from pipeline_lib.settings.sections import CorpusSettings
 
 CFG = {"source": "rotten_tomatoes", "path": None, "text_column": "text",
        "group_column": "movie", "filter": None, "min_words": 2}
+
+
+def corpus_settings(**changes) -> CorpusSettings:
+    """The ``corpus`` section of the tests, with ``changes``."""
+    return CorpusSettings(**{**CFG, **changes})
 
 
 def write_corpus(tmp_path, fmt="csv", n_groups=6, per_group=5):
@@ -32,7 +38,7 @@ def write_corpus(tmp_path, fmt="csv", n_groups=6, per_group=5):
 @pytest.mark.parametrize("fmt", ["csv", "parquet", "jsonl"])
 def test_local_corpus_formats(tmp_path, fmt):
     path = write_corpus(tmp_path, fmt)
-    corpus, source = load_corpus({**CFG, "path": str(path)})
+    corpus, source = load_corpus(corpus_settings(**{"path": str(path)}))
     assert source == str(path)
     assert corpus.columns == ["text_id", "group", "text"]
     assert corpus.height == 30
@@ -41,23 +47,23 @@ def test_local_corpus_formats(tmp_path, fmt):
 def test_missing_column_names_file_and_key(tmp_path):
     path = write_corpus(tmp_path)
     with pytest.raises(CorpusError, match=r"corpus.csv: column 'body' \(config key corpus.text_column\)"):
-        load_corpus({**CFG, "path": str(path), "text_column": "body"})
+        load_corpus(corpus_settings(**{"path": str(path), "text_column": "body"}))
     with pytest.raises(CorpusError, match="corpus.group_column"):
-        load_corpus({**CFG, "path": str(path), "group_column": "film"})
+        load_corpus(corpus_settings(**{"path": str(path), "group_column": "film"}))
     with pytest.raises(CorpusError, match="filter column 'category'"):
-        load_corpus({**CFG, "path": str(path), "filter": {"category": ["fresh"]}})
+        load_corpus(corpus_settings(path=str(path), filter={"category": ["fresh"]}))
 
 
 def test_missing_file_and_empty_corpus(tmp_path):
     with pytest.raises(CorpusError, match="does not exist"):
-        load_corpus({**CFG, "path": str(tmp_path / "nope.csv")})
+        load_corpus(corpus_settings(**{"path": str(tmp_path / "nope.csv")}))
     path = write_corpus(tmp_path)
     with pytest.raises(CorpusError, match="no usable texts"):
-        load_corpus({**CFG, "path": str(path), "min_words": 100})
+        load_corpus(corpus_settings(**{"path": str(path), "min_words": 100}))
 
 
 def test_split_by_group_is_disjoint_and_seeded(tmp_path):
-    corpus, _ = load_corpus({**CFG, "path": str(write_corpus(tmp_path, n_groups=10))})
+    corpus, _ = load_corpus(corpus_settings(**{"path": str(write_corpus(tmp_path, n_groups=10))}))
     train, test = split_by_group(corpus, 0.3, seed=0)
     assert set(train["group"]).isdisjoint(set(test["group"]))
     assert test["group"].n_unique() == 3 and train.height + test.height == corpus.height
@@ -66,7 +72,7 @@ def test_split_by_group_is_disjoint_and_seeded(tmp_path):
 
 
 def test_make_prompts_lengths_and_errors(tmp_path):
-    corpus, _ = load_corpus({**CFG, "path": str(write_corpus(tmp_path))})
+    corpus, _ = load_corpus(corpus_settings(**{"path": str(write_corpus(tmp_path))}))
     p = make_prompts(corpus, 12, "train", min_words=2, max_words=4, seed=1)
     assert p["prompt_id"].to_list()[:2] == ["train-00000", "train-00001"]
     assert p["n_words"].min() >= 2 and p["n_words"].max() <= 4
@@ -83,8 +89,8 @@ def test_make_prompts_lengths_and_errors(tmp_path):
 def test_builtin_rotten_tomatoes_corpus():
     path = builtin_corpus_path("rotten_tomatoes")
     assert path.name == "rotten_tomatoes_corpus_full.csv.bz2"
-    corpus, _ = load_corpus({**CFG, "group_column": "movie_name", "min_words": 4,
-                             "filter": {"category": ["fresh", "rotten"]}})
+    corpus, _ = load_corpus(corpus_settings(group_column="movie_name", min_words=4,
+                                            filter={"category": ["fresh", "rotten"]}))
     assert 12000 < corpus.height < 12900  # 12,808 review snippets minus very short ones
     train, test = split_by_group(corpus, 0.2, seed=0)
     assert set(train["group"]).isdisjoint(set(test["group"]))

@@ -10,16 +10,18 @@ import pytest
 import torch
 import yaml
 
-from pipeline_lib.config import ConfigError, validate_config
-from pipeline_lib.distributed import global_mean_scale, local_part, rank_slice, whiten_moments
-from pipeline_lib.launch import (
+from pipeline_lib.math.ppo_math import whiten
+from pipeline_lib.settings.config import validate_config
+from pipeline_lib.settings.errors import ConfigError
+from pipeline_lib.settings.launch import (
     ACCELERATE_DIR,
     SHIPPED,
     accelerate_config_file,
-    launch_command,
     read_accelerate_config,
 )
-from pipeline_lib.objectives import whiten
+from pipeline_lib.stages.common import LAUNCH_ENTRY
+from pipeline_lib.train.distributed import global_mean_scale, local_part, rank_slice, whiten_moments
+from pipeline_lib.train.launch import launch_command
 
 
 @pytest.mark.parametrize("n, world", [(10, 2), (11, 2), (5, 3), (1, 2), (0, 4), (7, 7)])
@@ -94,12 +96,12 @@ def test_shipped_accelerate_configs():
 
 def test_launch_command_is_an_argument_list_without_a_shell(tmp_path):
     job = tmp_path / "job; rm -rf x.json"  # a path is one argument, never shell text
-    cmd = launch_command(ACCELERATE_DIR / "ddp.yaml", 4, 29555, 3, job)
+    cmd = launch_command(ACCELERATE_DIR / "ddp.yaml", 4, 29555, 3, job, LAUNCH_ENTRY)
     assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     assert cmd[cmd.index("--num_processes") + 1] == "4"
     assert cmd[cmd.index("--main_process_port") + 1] == "29555"
     assert cmd[cmd.index("--num_cpu_threads_per_process") + 1] == "3"
-    assert cmd[-3:] == ["-m", "pipeline_lib.launch", str(job)]
+    assert cmd[-3:] == ["-m", "pipeline_lib.stages.jobs", str(job)]
 
 
 @pytest.fixture()

@@ -9,14 +9,9 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from pipeline_lib.evaluation import (
-    bon_curve,
-    bon_kl,
-    bon_kl_ties,
-    bon_kl_ties_batch,
-    bon_weights,
-    kl_k1,
-    kl_k3_per_token,
+from pipeline_lib.math.bon import bon_curve, bon_kl, bon_kl_ties, bon_kl_ties_batch, bon_weights
+from pipeline_lib.math.kl import k3_token_mean, kl_k1, mean_and_se
+from pipeline_lib.math.winrate import (
     pareto_frontier,
     win_rate,
     win_rate_per_prompt,
@@ -431,18 +426,23 @@ def test_win_rate_vs_bon_validation() -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def k1_mean_se(logp_policy, logp_ref):
+    """The k1 estimate of sequence log-probs with its standard error, as `evaluate` reports it."""
+    return mean_and_se(kl_k1(logp_policy, logp_ref))
+
+
 def test_kl_k1_mean_and_standard_error() -> None:
     pol = np.array([-1.0, -2.0, -3.0, -4.0])
     ref = np.array([-1.5, -2.0, -3.5, -5.0])
-    mean, se = kl_k1(pol, ref)
+    mean, se = k1_mean_se(pol, ref)
     diffs = np.array([0.5, 0.0, 0.5, 1.0])
     assert mean == pytest.approx(0.5)
     assert se == pytest.approx(diffs.std(ddof=1) / 2.0)
     # k1 can be negative by noise (here: samples where the reference happens to be likelier)
-    assert kl_k1([-2.0, -2.0], [-1.0, -1.5])[0] < 0
-    assert math.isnan(kl_k1([-1.0], [-2.0])[1])
+    assert k1_mean_se([-2.0, -2.0], [-1.0, -1.5])[0] < 0
+    assert math.isnan(k1_mean_se([-1.0], [-2.0])[1])
     with pytest.raises(ValueError, match="same shape"):
-        kl_k1([0.0, 1.0], [0.0])
+        k1_mean_se([0.0, 1.0], [0.0])
 
 
 def test_kl_estimators_are_exact_on_a_categorical_in_expectation() -> None:
@@ -451,8 +451,8 @@ def test_kl_estimators_are_exact_on_a_categorical_in_expectation() -> None:
     ref = np.array([0.2, 0.3, 0.5])
     kl = float((pi * np.log(pi / ref)).sum())
     tokens = np.array([0, 0, 1, 2])
-    assert kl_k1(np.log(pi[tokens]), np.log(ref[tokens]))[0] == pytest.approx(kl, abs=1e-14)
-    got = kl_k3_per_token(np.log(pi[tokens])[None, :], np.log(ref[tokens])[None, :])
+    assert k1_mean_se(np.log(pi[tokens]), np.log(ref[tokens]))[0] == pytest.approx(kl, abs=1e-14)
+    got = k3_token_mean(np.log(pi[tokens])[None, :], np.log(ref[tokens])[None, :])
     assert got == pytest.approx(kl, abs=1e-14)
 
 
@@ -460,8 +460,8 @@ def test_kl_k3_nonnegative_zero_when_equal_and_masked() -> None:
     rng = np.random.default_rng(15)
     pol = rng.normal(size=(4, 9))
     ref = rng.normal(size=(4, 9))
-    assert kl_k3_per_token(pol, ref) >= 0.0
-    assert kl_k3_per_token(pol, pol) == 0.0
+    assert k3_token_mean(pol, ref) >= 0.0
+    assert k3_token_mean(pol, pol) == 0.0
     mask = np.zeros((4, 9), dtype=bool)
     mask[:, :3] = True
     pol_padded, ref_padded = pol.copy(), ref.copy()
@@ -469,16 +469,16 @@ def test_kl_k3_nonnegative_zero_when_equal_and_masked() -> None:
     ref_padded[~mask] = -np.inf
     d = ref[:, :3] - pol[:, :3]
     expected = float((np.exp(d) - 1 - d).mean())
-    assert kl_k3_per_token(pol_padded, ref_padded, mask) == pytest.approx(expected, rel=1e-13)
-    assert kl_k3_per_token([[0.0, -1.0]], [[-0.5, -1.0]], [[1, 1]]) == pytest.approx(
+    assert k3_token_mean(pol_padded, ref_padded, mask) == pytest.approx(expected, rel=1e-13)
+    assert k3_token_mean([[0.0, -1.0]], [[-0.5, -1.0]], [[1, 1]]) == pytest.approx(
         (math.exp(-0.5) - 1 + 0.5) / 2
     )
     with pytest.raises(ValueError, match="mask selects no tokens"):
-        kl_k3_per_token(pol, ref, np.zeros((4, 9)))
+        k3_token_mean(pol, ref, np.zeros((4, 9)))
     with pytest.raises(ValueError, match="mask must have the shape"):
-        kl_k3_per_token(pol, ref, mask[:, :2])
+        k3_token_mean(pol, ref, mask[:, :2])
     with pytest.raises(ValueError, match="must be finite at valid tokens"):
-        kl_k3_per_token(pol_padded, ref_padded)
+        k3_token_mean(pol_padded, ref_padded)
 
 
 # --------------------------------------------------------------------------------------------

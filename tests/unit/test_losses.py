@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline_lib.losses import (
+from pipeline_lib.math.losses import (
     bonbon_beta,
     bonbon_loss,
     bond_loss,

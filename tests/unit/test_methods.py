@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from pipeline_lib.cdf import CurveFit, empirical_cdf
-from pipeline_lib.methods import kl_coefficient, run_name, vbon_rewards
-from pipeline_lib.objectives import log_bon_ratio
+from pipeline_lib.math.cdf import CurveFit, empirical_cdf
+from pipeline_lib.math.vbon import log_bon_ratio, vbon_rewards
+from pipeline_lib.settings.methods import MethodRun, kl_coefficient, run_name
 
 
 def test_run_names_and_kl_coefficients():
@@ -11,8 +11,8 @@ def test_run_names_and_kl_coefficients():
     assert run_name({"method": "bonbon", "n": 8}) == "bonbon-n8"
     assert run_name({"method": "dpo", "n": 8, "beta": 0.1}) == "dpo-n8-b0.1"
     assert run_name({"method": "ppo", "beta": 0.05, "name": "mine"}) == "mine"
-    assert kl_coefficient({"method": "vbon", "n": 8}) == pytest.approx(1 / 7)
-    assert kl_coefficient({"method": "ppo", "beta": 0.05}) == 0.05
+    assert kl_coefficient(MethodRun(name="v", method="vbon", n=8)) == pytest.approx(1 / 7)
+    assert kl_coefficient(MethodRun(name="p", method="ppo", beta=0.05)) == 0.05
 
 
 def test_vbon_l1_is_log_smoothed_cdf_and_monotone():

@@ -10,23 +10,24 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline_lib.objectives import (
+from pipeline_lib.math.kl import kl_k1, kl_k3
+from pipeline_lib.math.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
     entropy_from_logits,
     gae_advantages,
-    kl_k1,
-    kl_k3,
-    log_bon_ratio,
     masked_mean,
     ppo_policy_loss,
     ppo_value_loss,
     token_rewards,
+    whiten,
+)
+from pipeline_lib.math.vbon import (
+    log_bon_ratio,
     vbon_beta,
     vbon_n_from_beta,
     vbon_reward_exact,
     vbon_reward_l1,
-    whiten,
 )
 
 DT = torch.float64

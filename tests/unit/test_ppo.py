@@ -14,18 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline_lib.cdf import empirical_cdf
-from pipeline_lib.generation import sequence_logprobs
-from pipeline_lib.modeling import encode_prompt
-from pipeline_lib.objectives import vbon_beta, vbon_reward_l1
-from pipeline_lib.ppo import (
-    PolicyWithValueHead,
-    PPOConfig,
-    load_checkpoint_policy,
-    set_trainable_top_layers,
-    sft_nll,
-    train_ppo,
-)
+from pipeline_lib.generation.hf import sequence_logprobs
+from pipeline_lib.math.cdf import empirical_cdf
+from pipeline_lib.math.vbon import vbon_beta, vbon_reward_l1
+from pipeline_lib.models.encoding import encode_prompt
+from pipeline_lib.train.ppo.checkpoint import load_checkpoint_policy
+from pipeline_lib.train.ppo.config import PPOConfig
+from pipeline_lib.train.ppo.policy import PolicyWithValueHead, set_trainable_top_layers
+from pipeline_lib.train.ppo.rollout import sft_nll
+from pipeline_lib.train.ppo.trainer import train_ppo
 
 WORDS = list("abcdefghijklmnop")
 PROMPTS = ["a b", "c d e", "f", "g h i j", "k l", "m n o p", "a c e", "b d f"]

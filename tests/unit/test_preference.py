@@ -17,13 +17,13 @@ import polars as pl
 import pytest
 import torch
 
-from pipeline_lib.generation import sequence_logprobs
-from pipeline_lib.losses import bonbon_beta, bonbon_loss, dpo_loss, ipo_loss
-from pipeline_lib.modeling import build_scratch_policy, encode_prompt, train_tokenizer
-from pipeline_lib.preference import (
-    PAIR_COLUMNS,
+from pipeline_lib.generation.hf import sequence_logprobs
+from pipeline_lib.math.losses import bonbon_beta, bonbon_loss, dpo_loss, ipo_loss
+from pipeline_lib.models.encoding import encode_prompt
+from pipeline_lib.models.loading import build_scratch_policy, train_tokenizer
+from pipeline_lib.train.pairs import PAIR_COLUMNS, bon_pairs
+from pipeline_lib.train.preference import (
     PreferenceConfig,
-    bon_pairs,
     effective_beta,
     policy_logprobs,
     preference_loss,
@@ -188,7 +188,7 @@ def tiny() -> dict:
     texts = [f"{p} {r}" for p in _PROMPTS for r in _GOOD + _BAD]
     tok = train_tokenizer(texts * 2, vocab_size=320)
     torch.manual_seed(0)
-    ref = build_scratch_policy(tok, dict(n_positions=32, n_embd=32, n_layer=1, n_head=2)).eval()
+    ref = build_scratch_policy(tok, **dict(n_positions=32, n_embd=32, n_layer=1, n_head=2)).eval()
     eos = tok.eos_token_id
     rows = []
     for i, prompt in enumerate(_PROMPTS):

@@ -8,19 +8,22 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline_lib.prs import (
+from pipeline_lib.generation.prs import (
     DEFAULT_PREFERENCE,
     GeneratedText,
-    HFTextGenerator,
     PRSConfig,
     TextGenerator,
-    generate_prs_table,
     generated_tokens,
     prs_sample,
+)
+from pipeline_lib.generation.prs_tables import (
+    HFTextGenerator,
+    generate_prs_table,
     prs_samples_table,
 )
-from pipeline_lib.schemas import SCHEMAS, conform
-from pipeline_lib.seeding import derive_seed
+from pipeline_lib.io.schemas import SCHEMAS
+from pipeline_lib.io.tables import conform
+from pipeline_lib.math.seeding import derive_seed
 
 INSTRUCTIONS = ["a great film", "the plot is", "boring and", "i loved", "funny, warm"]
 
@@ -369,14 +372,14 @@ def test_samples_table_conforms_and_layer_table():
 # --------------------------------------------------------------------------------------------
 @pytest.fixture()
 def tiny_backend(tiny_policy_dir):
-    from pipeline_lib.generation import HFBackend
-    from pipeline_lib.modeling import load_causal_lm, load_tokenizer
+    from pipeline_lib.generation.hf import HFBackend
+    from pipeline_lib.models.loading import load_causal_lm, load_tokenizer
 
     return HFBackend(load_causal_lm(tiny_policy_dir), load_tokenizer(tiny_policy_dir), "cpu")
 
 
 def test_hf_text_generator_end_to_end(tiny_backend):
-    from pipeline_lib.generation import SamplingParams
+    from pipeline_lib.generation.sampling import SamplingParams
 
     gen = HFTextGenerator(tiny_backend, use_chat_template=True,
                           params=SamplingParams(max_new_tokens=6))
@@ -423,8 +426,9 @@ def test_hf_text_generator_end_to_end(tiny_backend):
 
 
 def test_hf_text_generator_chat_template(tiny_policy_dir):
-    from pipeline_lib.generation import HFBackend, SamplingParams
-    from pipeline_lib.modeling import load_causal_lm, load_tokenizer
+    from pipeline_lib.generation.hf import HFBackend
+    from pipeline_lib.generation.sampling import SamplingParams
+    from pipeline_lib.models.loading import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(tiny_policy_dir)
     tok.chat_template = ("{% for m in messages %}[U]{{ m['content'] }}{% endfor %}"

@@ -1,8 +1,10 @@
 import polars as pl
 import pytest
 
-from pipeline_lib.config import validate_config
-from pipeline_lib.prs_stages import compare_summary, prs_config
+from pipeline_lib.settings.config import validate_config
+from pipeline_lib.settings.sections import Settings
+from pipeline_lib.stages.generate import prs_config
+from pipeline_lib.stages.prs_compare import compare_summary
 
 
 def test_compare_summary_hand_computed():
@@ -26,7 +28,7 @@ def test_compare_summary_hand_computed():
 
 
 def test_prs_config_from_yaml_defaults():
-    cfg = validate_config({"task": "t", "seed": 0})
+    cfg = Settings.from_config(validate_config({"task": "t", "seed": 0})).prs
     two = prs_config(cfg, 8)
     assert two.widths == (4, 4) and two.layers == 2
     assert prs_config(cfg, 5).widths == (3, 2)  # an odd N puts the extra sample first

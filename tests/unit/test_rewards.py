@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline_lib.rewards import ensemble, member_stats, zscore_members
+from pipeline_lib.math.ensembles import ensemble, member_stats, zscore_members
 
 R = np.array([[1.0, 2.0, -1.0], [3.0, 2.0, 0.0], [2.0, 5.0, 1.0]])  # k=3 members, N=3
 

@@ -20,10 +20,11 @@ import pytest
 import torch
 from scipy import stats
 
-from pipeline_lib.generation import HFBackend, SamplingParams
-from pipeline_lib.modeling import (
+from pipeline_lib.generation.hf import HFBackend
+from pipeline_lib.generation.sampling import SamplingParams
+from pipeline_lib.models.encoding import encode_prompt
+from pipeline_lib.models.loading import (
     build_scratch_policy,
-    encode_prompt,
     load_causal_lm,
     load_tokenizer,
     save_model,
@@ -79,7 +80,7 @@ def peaky_policy(tiny_policy_dir, tmp_path_factory):
     tok = load_tokenizer(tiny_policy_dir)
     torch.manual_seed(1)
     # head size 64: every vLLM attention backend supports it
-    model = build_scratch_policy(tok, {"n_positions": 64, "n_embd": 128, "n_layer": 1,
+    model = build_scratch_policy(tok, **{"n_positions": 64, "n_embd": 128, "n_layer": 1,
                                        "n_head": 2})
     with torch.no_grad():  # logits × 8: top token ≈ 0.25, a dozen above 1 %
         model.transformer.ln_f.weight.mul_(8.0)
@@ -96,7 +97,7 @@ def backend(request, peaky_policy):
     if request.param == "hf":
         yield HFBackend(model, tok, device)
         return
-    from pipeline_lib.generation import VLLMBackend
+    from pipeline_lib.generation.vllm import VLLMBackend
 
     b = VLLMBackend(peaky_policy, tok, model, device, gpu_memory_utilization=0.3,
                     dtype="float32", seed=0)

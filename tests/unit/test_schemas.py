@@ -5,15 +5,8 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline_lib.schemas import (
-    SCHEMAS,
-    SchemaError,
-    describe_schema,
-    read_polars,
-    read_provenance,
-    read_table,
-    write_table,
-)
+from pipeline_lib.io.schemas import SCHEMAS, SchemaError, describe_schema
+from pipeline_lib.io.tables import read_polars, read_provenance, read_table, write_table
 
 
 def rewards_frame(values):

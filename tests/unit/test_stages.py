@@ -7,17 +7,17 @@ import polars as pl
 import pytest
 import torch
 
-from pipeline_lib.generation import prompt_groups, sequence_logprobs, shard_groups, trim_at_eos
-from pipeline_lib.modeling import encode_prompt
-from pipeline_lib.schemas import SchemaError, read_polars, write_table
-from pipeline_lib.stages import (
-    StageError,
-    check_complete,
-    generate_table,
-    make_backend,
-    run_cdf,
-    shard_group_starts,
-)
+from pipeline_lib.generation.hf import sequence_logprobs
+from pipeline_lib.generation.sampling import prompt_groups, shard_groups, trim_at_eos
+from pipeline_lib.io.schemas import SchemaError
+from pipeline_lib.io.tables import read_polars, write_table
+from pipeline_lib.models.encoding import encode_prompt
+from pipeline_lib.settings.sections import Settings
+from pipeline_lib.stages.cdf import run_cdf
+from pipeline_lib.stages.common import StageError
+from pipeline_lib.stages.generate import generate_table, make_backend
+from pipeline_lib.stages.reward_cache import check_complete
+from pipeline_lib.stages.sample import shard_group_starts
 
 
 def prompts_frame(n):
@@ -53,10 +53,11 @@ def test_responses_are_cut_after_eos_and_keep_sampled_pad_ids():
 def test_samples_do_not_depend_on_sharding(tiny_policy_dir, config):
     config["generation"]["batch_size"] = 8  # 2 prompts per group at M=4
     prompts = prompts_frame(5)
-    backend = make_backend(config, tiny_policy_dir, "cpu")
-    whole = generate_table(backend, prompts, None, 4, config, "train")
-    config["sampling"]["shards"] = 2
-    parts = [generate_table(backend, prompts, shard_group_starts(5, 4, config, s), 4, config,
+    g = Settings.from_config(config).generation
+    backend = make_backend(g, config["seed"], tiny_policy_dir, "cpu")
+    whole = generate_table(backend, prompts, None, 4, g, config["seed"], "train")
+    parts = [generate_table(backend, prompts, shard_group_starts(5, 4, g.batch_size, 2, s), 4,
+                            g, config["seed"],
                             "train") for s in range(2)]
     assert pl.concat(parts).equals(whole)
     check_complete(whole, prompts["prompt_id"].to_list(), 4, "test")
@@ -65,8 +66,9 @@ def test_samples_do_not_depend_on_sharding(tiny_policy_dir, config):
 
 
 def test_reference_logprob_matches_manual_forward(tiny_policy_dir, config):
-    backend = make_backend(config, tiny_policy_dir, "cpu")
-    table = generate_table(backend, prompts_frame(2), None, 3, config, "train")
+    g = Settings.from_config(config).generation
+    backend = make_backend(g, config["seed"], tiny_policy_dir, "cpu")
+    table = generate_table(backend, prompts_frame(2), None, 3, g, config["seed"], "train")
     tok, model = backend.tokenizer, backend.model
     row = table.row(4, named=True)
     ids = encode_prompt(tok, row["prompt"]) + row["response_token_ids"]
@@ -162,8 +164,8 @@ def test_prs_strategy_cache_records_layers_and_is_refused_by_cdf(tiny_policy_dir
     the cdf stage then refuses the cache because PRS samples are not draws from pi_ref."""
     from transformers import AutoModelForSequenceClassification
 
-    from pipeline_lib.modeling import load_tokenizer, save_model
-    from pipeline_lib.stages import run_sample_shard
+    from pipeline_lib.models.loading import load_tokenizer, save_model
+    from pipeline_lib.stages.sample import run_sample_shard
 
     rm = AutoModelForSequenceClassification.from_pretrained(tiny_policy_dir, num_labels=1)
     tok = load_tokenizer(tiny_policy_dir)
@@ -192,7 +194,7 @@ def test_prs_strategy_cache_records_layers_and_is_refused_by_cdf(tiny_policy_dir
 
 
 def test_checkpoint_guard_keeps_only_a_checkpoint_of_the_same_settings_and_inputs(tmp_path):
-    from pipeline_lib.stages import _checkpoint_guard
+    from pipeline_lib.io.guard import checkpoint_guard
 
     table = tmp_path / "pairs.parquet"
     table.write_bytes(b"x")
@@ -200,13 +202,13 @@ def test_checkpoint_guard_keeps_only_a_checkpoint_of_the_same_settings_and_input
     model.mkdir()
     (model / "model.safetensors").write_bytes(b"w")
     ckpt = tmp_path / "ckpt"
-    _checkpoint_guard(ckpt, {"lr": 1}, [table, model, None])
+    checkpoint_guard(ckpt, {"lr": 1}, [table, model, None])
     (ckpt / "last").mkdir()
-    _checkpoint_guard(ckpt, {"lr": 1}, [table, model, None])
+    checkpoint_guard(ckpt, {"lr": 1}, [table, model, None])
     assert (ckpt / "last").exists()  # same settings and inputs: resumable
-    _checkpoint_guard(ckpt, {"lr": 2}, [table, model])
+    checkpoint_guard(ckpt, {"lr": 2}, [table, model])
     assert ckpt.exists() and not (ckpt / "last").exists()  # other settings: afresh
     (ckpt / "last").mkdir()
     os.utime(model / "model.safetensors", ns=(1, 1))  # an upstream job rewrote an input
-    _checkpoint_guard(ckpt, {"lr": 2}, [table, model])
+    checkpoint_guard(ckpt, {"lr": 2}, [table, model])
     assert not (ckpt / "last").exists()

@@ -8,14 +8,18 @@ replay the data order (mid-epoch and at an epoch boundary).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline_lib import training
-from pipeline_lib.modeling import load_causal_lm, load_tokenizer
+from pipeline_lib.models.loading import load_causal_lm, load_tokenizer
+from pipeline_lib.settings.sections import RewardModelSettings, SFTSettings
+from pipeline_lib.train import reward_model as rm_training
+from pipeline_lib.train.reward_model import train_reward_model
+from pipeline_lib.train.sft import train_sft
 
 WORDS = "good bad film plot cast dull warm slow funny long story acting".split()
 
@@ -41,16 +45,17 @@ def _same(rows_a: list[dict], rows_b: list[dict]) -> None:
 # --------------------------------------------------------------------------------------------
 # SFT: 23 texts in batches of 5 = 5 steps per epoch, 3 epochs = 15 steps
 # --------------------------------------------------------------------------------------------
-SFT_CFG = dict(epochs=3, max_steps=None, batch_size=5, lr=3e-3, weight_decay=0.0,
-               warmup_steps=2, max_length=16, log_every=1, eval_every=4, device="cpu")
+SFT_CFG = SFTSettings(epochs=3, max_steps=None, batch_size=5, lr=3e-3, weight_decay=0.0,
+                      warmup_steps=2, max_length=16, log_every=1, eval_every=4,
+                      checkpoint_every=0, mixed_precision="no")
 
 
 def _sft(policy_dir, seed=5, **kwargs):
     tok = load_tokenizer(policy_dir)
     model = load_causal_lm(policy_dir)
     torch.manual_seed(0)  # the job seeds torch (dropout) before training
-    cfg = {**SFT_CFG, **kwargs.pop("cfg", {})}
-    return training.train_sft(model, tok, texts(23, 0), texts(6, 1), cfg, seed=seed, **kwargs)
+    cfg = dataclasses.replace(SFT_CFG, **kwargs.pop("cfg", {}))
+    return train_sft(model, tok, texts(23, 0), texts(6, 1), cfg, "cpu", seed=seed, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +98,7 @@ def test_sft_dropout_and_order_matter_so_the_resume_test_can_fail(tiny_policy_di
     tok = load_tokenizer(tiny_policy_dir)
     model = load_causal_lm(tiny_policy_dir)
     torch.manual_seed(1)  # another dropout stream, same data order
-    _, other_dropout = training.train_sft(model, tok, texts(23, 0), texts(6, 1), SFT_CFG,
-                                          seed=5)
+    _, other_dropout = train_sft(model, tok, texts(23, 0), texts(6, 1), SFT_CFG, "cpu", seed=5)
     assert not torch.equal(_weights(other_dropout)["transformer.wte.weight"],
                            full["transformer.wte.weight"])
 
@@ -111,8 +115,9 @@ def test_sft_refuses_a_checkpoint_of_another_seed(tiny_policy_dir, tmp_path):
 # --------------------------------------------------------------------------------------------
 # Reward model: 18 pairs, 4 held out, 14 in batches of 5 = 3 steps per epoch, 3 epochs
 # --------------------------------------------------------------------------------------------
-RM_CFG = dict(epochs=3, batch_size=5, lr=3e-3, weight_decay=0.0, warmup_steps=1,
-              center_coef=0.01, val_fraction=0.2, max_length=16, log_every=1, device="cpu")
+RM_CFG = RewardModelSettings(seeds=(1,), epochs=3, batch_size=5, lr=3e-3, weight_decay=0.0,
+                             warmup_steps=1, center_coef=0.01, val_fraction=0.2, max_length=16,
+                             log_every=1, checkpoint_every=0, mixed_precision="no")
 
 
 def _rm(policy_dir, **kwargs):
@@ -122,9 +127,9 @@ def _rm(policy_dir, **kwargs):
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1)
     model.config.pad_token_id = tok.pad_token_id
-    cfg = {**RM_CFG, **kwargs.pop("cfg", {})}
-    return training.train_reward_model(model, tok, texts(18, 2), texts(18, 3), cfg, seed=4,
-                                       **kwargs)
+    cfg = dataclasses.replace(RM_CFG, **kwargs.pop("cfg", {}))
+    return train_reward_model(model, tok, texts(18, 2), texts(18, 3), cfg, "cpu", seed=4,
+                              **kwargs)
 
 
 @pytest.mark.parametrize("every, kill_step", [(2, 5), (3, 5)])
@@ -134,7 +139,7 @@ def test_killed_reward_model_resumes_to_the_uninterrupted_weights(tiny_policy_di
     rows_full, full = _rm(tiny_policy_dir)
     ckpt = tmp_path / "ckpt"
     calls = {"n": 0}
-    scores = training._rm_scores
+    scores = rm_training._rm_scores
 
     def dying(*args, **kwargs):  # two calls per step: dies inside step kill_step
         calls["n"] += 1
@@ -143,7 +148,7 @@ def test_killed_reward_model_resumes_to_the_uninterrupted_weights(tiny_policy_di
         return scores(*args, **kwargs)
 
     with monkeypatch.context() as m:
-        m.setattr(training, "_rm_scores", dying)
+        m.setattr(rm_training, "_rm_scores", dying)
         with pytest.raises(_Killed):
             _rm(tiny_policy_dir, cfg={"checkpoint_every": every}, checkpoint_dir=ckpt)
     saved = json.loads((ckpt / "last" / "state.json").read_text())["step"]

@@ -10,9 +10,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from pipeline_lib.config import ConfigError, validate_config
-from pipeline_lib.generation import SamplingParams, VLLMBackend
-from pipeline_lib.seeding import derive_seed
+from pipeline_lib.generation.sampling import SamplingParams
+from pipeline_lib.generation.vllm import VLLMBackend
+from pipeline_lib.math.seeding import derive_seed
+from pipeline_lib.settings.config import validate_config
+from pipeline_lib.settings.errors import ConfigError
 
 
 @dataclass

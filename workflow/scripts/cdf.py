@@ -1,6 +1,6 @@
 """Snakemake script for rule `cdf`."""
-from pipeline_lib.logs import job_logging
-from pipeline_lib.stages import run_cdf
+from pipeline_lib.io.logs import job_logging
+from pipeline_lib.stages.cdf import run_cdf
 
 with job_logging(snakemake.log[0], f"{snakemake.rule} {snakemake.wildcards.split}"):
     run_cdf(

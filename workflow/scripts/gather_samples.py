@@ -1,6 +1,6 @@
 """Snakemake script for rule `gather_samples`."""
-from pipeline_lib.logs import job_logging
-from pipeline_lib.stages import run_gather
+from pipeline_lib.io.logs import job_logging
+from pipeline_lib.stages.gather import run_gather
 
 with job_logging(snakemake.log[0], f"{snakemake.rule} {snakemake.wildcards.split}"):
     run_gather(

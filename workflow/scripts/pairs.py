@@ -1,6 +1,6 @@
 """Snakemake script for rule `pairs`."""
-from pipeline_lib.logs import job_logging
-from pipeline_lib.stages import run_pairs
+from pipeline_lib.io.logs import job_logging
+from pipeline_lib.stages.pairs import run_pairs
 
 with job_logging(snakemake.log[0], f"{snakemake.rule} n={snakemake.wildcards.n}"):
     run_pairs(

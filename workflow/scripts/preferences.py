@@ -1,6 +1,6 @@
 """Snakemake script for rule `preferences`."""
-from pipeline_lib.logs import job_logging
-from pipeline_lib.stages import run_preferences
+from pipeline_lib.io.logs import job_logging
+from pipeline_lib.stages.preferences import run_preferences
 
 with job_logging(snakemake.log[0], snakemake.rule):
     run_preferences(

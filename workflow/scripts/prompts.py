@@ -1,6 +1,6 @@
 """Snakemake script for rule `prompts`: a thin call into pipeline_lib.stages."""
-from pipeline_lib.logs import job_logging
-from pipeline_lib.stages import run_prompts
+from pipeline_lib.io.logs import job_logging
+from pipeline_lib.stages.prompts import run_prompts
 
 with job_logging(snakemake.log[0], snakemake.rule):
     out = snakemake.output

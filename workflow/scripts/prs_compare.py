@@ -1,6 +1,6 @@
 """Snakemake script for rule `prs_compare`."""
-from pipeline_lib.logs import job_logging
-from pipeline_lib.prs_stages import run_prs_compare
+from pipeline_lib.io.logs import job_logging
+from pipeline_lib.stages.prs_compare import run_prs_compare
 
 inp = snakemake.input
 with job_logging(snakemake.log[0], snakemake.rule):

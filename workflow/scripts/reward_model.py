@@ -1,6 +1,6 @@
 """Snakemake script for rule `reward_model` (one ensemble member per seed)."""
-from pipeline_lib.logs import job_logging
-from pipeline_lib.stages import run_reward_model
+from pipeline_lib.io.logs import job_logging
+from pipeline_lib.stages.reward_model import run_reward_model
 
 with job_logging(snakemake.log[0], f"{snakemake.rule} seed {snakemake.wildcards.seed}"):
     run_reward_model(

@@ -1,6 +1,6 @@
 """Snakemake script for rule `sample` (one prompt shard of one split)."""
-from pipeline_lib.logs import job_logging
-from pipeline_lib.stages import run_sample_shard
+from pipeline_lib.io.logs import job_logging
+from pipeline_lib.stages.sample import run_sample_shard
 
 wc = snakemake.wildcards
 with job_logging(snakemake.log[0], f"{snakemake.rule} {wc.split} shard {wc.shard}"):

@@ -1,6 +1,6 @@
 """Snakemake script for rule `score` (the reward cache)."""
-from pipeline_lib.logs import job_logging
-from pipeline_lib.stages import run_score
+from pipeline_lib.io.logs import job_logging
+from pipeline_lib.stages.score import run_score
 
 with job_logging(snakemake.log[0], f"{snakemake.rule} {snakemake.wildcards.split}"):
     run_score(

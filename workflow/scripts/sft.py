@@ -1,6 +1,6 @@
 """Snakemake script for rule `sft`."""
-from pipeline_lib.logs import job_logging
-from pipeline_lib.stages import run_sft
+from pipeline_lib.io.logs import job_logging
+from pipeline_lib.stages.sft import run_sft
 
 with job_logging(snakemake.log[0], snakemake.rule):
     run_sft(

@@ -1,6 +1,6 @@
 """Snakemake script for rule `train` (one method run)."""
-from pipeline_lib.logs import job_logging
-from pipeline_lib.stages import run_train
+from pipeline_lib.io.logs import job_logging
+from pipeline_lib.stages.train import run_train
 
 inp = snakemake.input
 name = snakemake.wildcards.policy

@@ -1,0 +1,170 @@
+"""One declared pyarrow schema per table, atomic Parquet writes and validating reads.
+
+Every Parquet artifact the pipeline writes is listed in :data:`SCHEMAS`. Writers go through
+:func:`write_table`, which casts to the declared schema, refuses non-finite values in columns
+declared finite, attaches provenance metadata and renames a temporary file into place, so an
+interrupted job never leaves a table that looks complete. Readers go through :func:`read_table`,
+which raises :class:`SchemaError` naming the file and the offending column or row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline_lib.io.atomic import atomic_file
+from pipeline_lib.io.schemas import FINITE_COLUMNS, PROVENANCE_KEY, SCHEMA_KEY, SCHEMAS, SchemaError
+
+
+def _check_finite(table: pa.Table, name: str, path: str | os.PathLike) -> None:
+    for col in FINITE_COLUMNS.get(name, ()):
+        arr = table.column(col)
+        values = arr.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise SchemaError(
+                f"{path}: column '{col}' has {int(bad.sum())} non-finite value(s) "
+                f"(first at row {row}: {values[row]!r})"
+            )
+
+
+def _check_nulls(table: pa.Table, schema: pa.Schema, path: str | os.PathLike) -> None:
+    for field in schema:
+        if not field.nullable and table.column(field.name).null_count:
+            col = table.column(field.name)
+            row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+            raise SchemaError(
+                f"{path}: column '{field.name}' has {col.null_count} null value(s) "
+                f"(first at row {row}) but is declared non-nullable"
+            )
+
+
+def _kind(t: pa.DataType) -> str:
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "string"
+    if pa.types.is_integer(t):
+        return "integer"
+    if pa.types.is_floating(t):
+        return "float"
+    if pa.types.is_boolean(t):
+        return "bool"
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return f"list<{_kind(t.value_type)}>"
+    if pa.types.is_null(t):
+        return "null"
+    return str(t)
+
+
+def _cast_columns(table: pa.Table, schema: pa.Schema, path: str | os.PathLike) -> pa.Table:
+    """Cast each column to its declared type; only same-kind, value-preserving casts
+    (large_string -> string, int64 -> int32 when values fit, float32 -> float64, an all-null
+    column) are accepted."""
+    columns = []
+    for field in schema:
+        col = table.column(field.name)
+        kind, want = _kind(col.type), _kind(field.type)
+        ok_kind = kind == want or kind == "null" or (kind == "integer" and want == "float")
+        if not ok_kind:
+            raise SchemaError(
+                f"{path}: column '{field.name}' has type {col.type}, expected {field.type}"
+            )
+        try:
+            columns.append(col.cast(field.type, safe=True))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise SchemaError(
+                f"{path}: column '{field.name}' cannot be cast to {field.type}: {exc}"
+            ) from exc
+    table = pa.Table.from_arrays(columns, names=schema.names)
+    _check_nulls(table, schema, path)
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def conform(data: Any, name: str, path: str | os.PathLike = "<table>") -> pa.Table:
+    """Cast ``data`` (pyarrow Table, polars DataFrame or dict of columns) to schema ``name``."""
+    schema = SCHEMAS[name]
+    if isinstance(data, pa.Table):
+        table = data
+    elif hasattr(data, "to_arrow"):
+        table = data.to_arrow()
+    elif isinstance(data, Mapping):
+        missing = [f.name for f in schema if f.name not in data]
+        if missing:
+            raise SchemaError(f"{path}: missing column(s) {missing} for table '{name}'")
+        table = pa.table({f.name: pa.array(data[f.name], type=f.type) for f in schema})
+    else:
+        raise TypeError(f"cannot write {type(data).__name__} as table '{name}'")
+    missing = [f.name for f in schema if f.name not in table.column_names]
+    if missing:
+        raise SchemaError(f"{path}: missing column(s) {missing} for table '{name}'")
+    table = _cast_columns(table, schema, path)
+    _check_finite(table, name, path)
+    return table
+
+
+def write_table(
+    data: Any,
+    path: str | os.PathLike,
+    name: str,
+    provenance: Mapping[str, Any] | None = None,
+) -> Path:
+    """Validate ``data`` against schema ``name`` and write it atomically to ``path``.
+
+    The table is written to a temporary file in the same directory and renamed into place,
+    so readers never see a partial file. ``provenance`` (config hash, seed, model paths, ...)
+    is stored as JSON in the Parquet key-value metadata.
+    """
+    path = Path(path)
+    table = conform(data, name, path)
+    meta = dict(table.schema.metadata or {})
+    meta[SCHEMA_KEY] = name.encode()
+    meta[PROVENANCE_KEY] = json.dumps(dict(provenance or {}), sort_keys=True, default=str).encode()
+    table = table.replace_schema_metadata(meta)
+    with atomic_file(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return path
+
+
+def read_table(path: str | os.PathLike, name: str) -> pa.Table:
+    """Read ``path`` and validate it against schema ``name``.
+
+    Raises :class:`SchemaError` naming the file and the missing / mistyped / non-finite column.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: table '{name}' does not exist")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise SchemaError(f"{path}: not a readable Parquet file: {exc}") from exc
+    schema = SCHEMAS[name]
+    for field in schema:
+        if field.name not in table.column_names:
+            raise SchemaError(
+                f"{path}: missing column '{field.name}' (expected schema '{name}', "
+                f"found columns {table.column_names})"
+            )
+    table = _cast_columns(table, schema, path)
+    _check_finite(table, name, path)
+    return table
+
+
+def read_provenance(path: str | os.PathLike) -> dict[str, Any]:
+    """The provenance dict stored by :func:`write_table` (empty if absent)."""
+    meta = pq.read_schema(path).metadata or {}
+    raw = meta.get(PROVENANCE_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def read_polars(path: str | os.PathLike, name: str):
+    """:func:`read_table` as a polars DataFrame."""
+    import polars as pl
+
+    return pl.from_arrow(read_table(path, name))

@@ -1,0 +1,140 @@
+"""Win rates (ties count 1/2) of policy samples against reference samples and against the
+reference's best-of-n, and the (KL, reward) Pareto frontier. Pure numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from pipeline_lib.math.bon import (
+    FloatArray,
+    as_float_array,
+    as_ns,
+    block_mean,
+    bon_weights,
+    tie_blocks,
+)
+
+
+def _weighted_win_per_prompt(
+    policy: FloatArray, reference: FloatArray, ref_mass: FloatArray | None
+) -> FloatArray:
+    """``mean_k Σ_j m_j [1(x_k > r_j) + ½ 1(x_k = r_j)] / Σ_j m_j`` per row (``m_j = 1`` if None).
+
+    One row-wise argsort of the concatenation ``[reference | policy]`` (``O((M+K) log(M+K))``);
+    for each tie block of the merged row, ``mass(ref < v) + ½ mass(ref = v)`` is credited to every
+    policy element in the block.
+    """
+    p, m = reference.shape
+    k = policy.shape[1]
+    merged = np.concatenate([reference, policy], axis=1)
+    mass = np.zeros_like(merged)
+    mass[:, :m] = 1.0 if ref_mass is None else ref_mass
+    order = np.argsort(merged, axis=1)
+    sorted_vals = np.take_along_axis(merged, order, axis=1)
+    sorted_mass = np.take_along_axis(mass, order, axis=1).ravel()
+    is_policy = (order >= m).ravel().astype(np.float64)
+    starts, _ = tie_blocks(sorted_vals)
+    cum = np.cumsum(sorted_mass.reshape(p, -1), axis=1).ravel()
+    below = cum[starts] - sorted_mass[starts]  # reference mass strictly below the block (row-wise)
+    block_mass = np.add.reduceat(sorted_mass, starts)
+    block_policy = np.add.reduceat(is_policy, starts)
+    rows = starts // (m + k)
+    total = np.bincount(rows, weights=block_policy * (below + 0.5 * block_mass), minlength=p)
+    ref_total = float(m) if ref_mass is None else ref_mass.sum(axis=1)
+    return total / (k * ref_total)
+
+
+def _check_same_rows(a_name: str, a: FloatArray, b_name: str, b: FloatArray) -> None:
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"{a_name} and {b_name} must have the same number of prompts (rows), "
+            f"got {a.shape} and {b.shape}"
+        )
+
+
+def win_rate_per_prompt(policy_scores: ArrayLike, reference_scores: ArrayLike) -> FloatArray:
+    """Per-prompt win rate ``P(policy > reference) + ½ P(tie)`` over all ``K × M`` pairs.
+
+    For prompt ``p``: ``(1/(K M)) Σ_k Σ_j [1(x_pk > r_pj) + ½ 1(x_pk = r_pj)]`` (the Mann–Whitney
+    ``U/(K M)``), computed by sorting, not by a ``(P, K, M)`` broadcast.
+
+    Args:
+        policy_scores: ``(P, K)`` gold scores of policy samples.
+        reference_scores: ``(P, M)`` gold scores of cached reference samples.
+
+    Returns:
+        float64 array of shape ``(P,)``.
+    """
+    pol = as_float_array("policy_scores", policy_scores, 2)
+    ref = as_float_array("reference_scores", reference_scores, 2)
+    _check_same_rows("policy_scores", pol, "reference_scores", ref)
+    return _weighted_win_per_prompt(pol, ref, None)
+
+
+def win_rate(policy_scores: ArrayLike, reference_scores: ArrayLike) -> float:
+    """Mean over prompts of :func:`win_rate_per_prompt`: ``P(policy > ref) + ½ P(tie)``."""
+    return float(win_rate_per_prompt(policy_scores, reference_scores).mean())
+
+
+def win_rate_vs_bon(
+    policy_scores: ArrayLike, reference_proxy: ArrayLike, reference_gold: ArrayLike, n: int
+) -> float:
+    """Win rate of policy samples against the reference's proxy-best-of-``n``, exact from the pool.
+
+    The proxy-best of a uniformly random ``n``-subset (without replacement) of the ``M`` pooled
+    responses is response ``j`` with probability ``m_j``: with the pool sorted by proxy ascending,
+    rank ``i`` gets ``w_i(n) = C(i-1, n-1)/C(M, n)`` (as in :func:`bon_curve`), and within a block
+    of tied proxy values the block's total weight is shared equally by its members (uniform
+    tie-breaking).  Then, averaged over prompts and the ``K`` policy samples ``x``::
+
+        win = Σ_j m_j [1(x > gold_j) + ½ 1(x = gold_j)]
+
+    Args:
+        policy_scores: ``(P, K)`` gold scores of policy samples.
+        reference_proxy: ``(P, M)`` proxy scores of the pool (BoN selection criterion).
+        reference_gold: ``(P, M)`` gold scores of the same pooled responses.
+        n: BoN size, ``1 <= n <= M``.
+    """
+    pol = as_float_array("policy_scores", policy_scores, 2)
+    proxy = as_float_array("reference_proxy", reference_proxy, 2)
+    gold = as_float_array("reference_gold", reference_gold, 2)
+    if proxy.shape != gold.shape:
+        raise ValueError(
+            "reference_proxy and reference_gold must have the same shape, "
+            f"got {proxy.shape} and {gold.shape}"
+        )
+    _check_same_rows("policy_scores", pol, "reference_proxy", proxy)
+    m = proxy.shape[1]
+    n_arr = as_ns(n, m, name="n")
+    if n_arr.size != 1:
+        raise ValueError(f"n must be a single integer, got {n!r}")
+    order = np.argsort(proxy, axis=1)
+    sorted_proxy = np.take_along_axis(proxy, order, axis=1)
+    sorted_gold = np.take_along_axis(gold, order, axis=1)
+    w = bon_weights(m, n_arr)[0]
+    mass = block_mean(sorted_proxy, np.broadcast_to(w, proxy.shape))
+    return float(_weighted_win_per_prompt(pol, sorted_gold, mass).mean())
+
+
+def pareto_frontier(kl: ArrayLike, reward: ArrayLike) -> NDArray[np.bool_]:
+    """Mask of points on the (KL, reward) Pareto frontier (lower KL, higher reward is better).
+
+    Point ``i`` is dominated iff some ``j`` has ``kl_j <= kl_i`` and ``reward_j >= reward_i`` with
+    at least one strict; duplicated points do not dominate each other.  ``O(N log N)``: sort by KL,
+    then ``i`` is dominated iff ``reward_i <= max(reward over strictly smaller KL)`` or
+    ``reward_i < max(reward over equal KL)``.
+    """
+    k = as_float_array("kl", kl, 1)
+    r = as_float_array("reward", reward, 1)
+    if k.shape != r.shape:
+        raise ValueError(f"kl and reward must have the same shape, got {k.shape} and {r.shape}")
+    order = np.lexsort((-r, k))  # by kl ascending, then reward descending
+    ks, rs = k[order], r[order]
+    starts, counts = tie_blocks(ks[None, :])
+    group_max = rs[starts]  # reward-descending within a KL group: first is the max
+    prev_best = np.concatenate([[-np.inf], np.maximum.accumulate(group_max)[:-1]])
+    dominated = (rs <= np.repeat(prev_best, counts)) | (rs < np.repeat(group_max, counts))
+    mask = np.empty(k.size, dtype=bool)
+    mask[order] = ~dominated
+    return mask

@@ -1,0 +1,131 @@
+"""Generation wiring shared by the sampling stages: the backend a config names, and samples
+tables with reference log-probs (random sampling or PRS trees)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import polars as pl
+
+from pipeline_lib.generation.hf import HFBackend, sequence_logprobs
+from pipeline_lib.generation.prs import PRSConfig
+from pipeline_lib.generation.prs_tables import generate_prs_table
+from pipeline_lib.generation.sampling import (
+    SamplingParams,
+    prompt_groups,
+    sample_groups,
+)
+from pipeline_lib.generation.vllm import VLLMBackend
+from pipeline_lib.io.atomic import PathLike
+from pipeline_lib.math.seeding import derive_seed
+from pipeline_lib.models.encoding import encode_prompt
+from pipeline_lib.models.loading import (
+    load_causal_lm,
+    load_tokenizer,
+)
+from pipeline_lib.settings.sections import GenerationSettings, PRSSettings, Settings
+from pipeline_lib.stages.common import StageError
+
+log = logging.getLogger("pipeline")
+
+
+def sampling_params(g: GenerationSettings) -> SamplingParams:
+    """The sampling parameters of the ``generation`` section."""
+    return SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                          max_new_tokens=g.max_new_tokens)
+
+
+def make_backend(g: GenerationSettings, seed: int, policy_dir: PathLike, device):
+    """The generation backend ``g.backend`` names, serving the policy in ``policy_dir``."""
+    backend = g.backend
+    tokenizer = load_tokenizer(policy_dir, "policy")
+    model = load_causal_lm(policy_dir, device, "policy")
+    if backend == "hf":
+        return HFBackend(model, tokenizer, device)
+    if backend == "vllm":
+
+        v = g.vllm
+        return VLLMBackend(policy_dir, tokenizer, model, device,
+                           tensor_parallel_size=v.tensor_parallel_size,
+                           gpu_memory_utilization=v.gpu_memory_utilization, dtype=v.dtype,
+                           seed=seed)
+    raise StageError(f"config key generation.backend: unknown backend {backend!r}")
+
+
+def generate_table(
+    backend,
+    prompts: pl.DataFrame,
+    indices: Sequence[int] | None,
+    m: int,
+    g: GenerationSettings,
+    seed: int,
+    split: str,
+) -> pl.DataFrame:
+    """Sample ``m`` responses for the prompts of the groups covering ``indices`` (groups of
+    ``g.batch_size`` sequences, seeded from ``seed`` and ``split``); returns rows of the
+    ``samples`` schema with reference log-probs."""
+    tok = backend.tokenizer
+    prompt_texts = prompts["prompt"].to_list()
+    prompt_ids = [encode_prompt(tok, t) for t in prompt_texts]
+    groups = prompt_groups(len(prompt_ids), m, g.batch_size)
+    if indices is not None:
+        wanted = set(indices)
+        groups = [grp for grp in groups if grp.start in wanted]
+    sampled = sample_groups(backend, prompt_ids, groups, m, sampling_params(g), seed, split)
+    order = sorted(sampled)
+    flat = [(i, j, r) for i in order for j, r in enumerate(sampled[i])]
+    ref = sequence_logprobs(backend.model, [prompt_ids[i] for i, _, _ in flat],
+                            [r.token_ids for _, _, r in flat], tok.pad_token_id, backend.device)
+    eos = tok.eos_token_id
+    ids = prompts["prompt_id"].to_list()
+    return pl.DataFrame(
+        {
+            "prompt_id": [ids[i] for i, _, _ in flat],
+            "sample_idx": [j for _, j, _ in flat],
+            "prompt": [prompt_texts[i] for i, _, _ in flat],
+            "response": tok.batch_decode(
+                [[t for t in r.token_ids if t != eos] for _, _, r in flat],
+                skip_special_tokens=True,
+            ),
+            "response_token_ids": [r.token_ids for _, _, r in flat],
+            "n_tokens": [len(r.token_ids) for _, _, r in flat],
+            "finished": [r.finished for _, _, r in flat],
+            "ref_logprob": ref,
+            "strategy": ["random"] * len(flat),
+            "layer": [0] * len(flat),
+            "parent_idx": [-1] * len(flat),
+        },
+        schema_overrides={"response_token_ids": pl.List(pl.Int32)},
+    )
+
+
+def prs_config(p: PRSSettings, n: int, layers: int | None = None,
+               preference: str | None = None) -> PRSConfig:
+    """PRSConfig for N samples from the config's `prs` section (null keys keep defaults)."""
+    kw = {k: getattr(p, k) for k in ("first_template", "feedback_template", "refine_template",
+                                     "preference") if getattr(p, k) is not None}
+    if preference is not None:
+        kw["preference"] = preference
+    n_layers = p.layers if layers is None else layers
+    widths = tuple(p.widths) if p.widths and layers is None else None
+    if widths is None and n % n_layers:
+        # N/2 + N/2 by default; an odd N puts the extra sample in the first layer
+        base = n // n_layers
+        widths = tuple(base + (1 if i < n % n_layers else 0) for i in range(n_layers))
+    return PRSConfig(n=n, layers=n_layers, widths=widths,
+                     feedback_max_new_tokens=p.feedback_max_new_tokens,
+                     use_chat_template=p.use_chat_template, **kw)
+
+
+def prs_cache_table(backend, prompts: pl.DataFrame, m: int, s: Settings,
+                    split: str, score_fn) -> pl.DataFrame:
+    """The `sample` stage's PRS strategy: an M-sample tree per prompt, guided by ``score_fn``."""
+    g = s.generation
+    samples, layers = generate_prs_table(backend, prompts, prs_config(s.prs, m),
+                                         sampling_params(g), score_fn,
+                                         derive_seed(s.seed, "prs", split),
+                                         batch_size=g.batch_size)
+    log.info("PRS %s: %d samples, %d feedback tokens", split, samples.height,
+             int(layers["feedback_tokens"].sum()))
+    return samples

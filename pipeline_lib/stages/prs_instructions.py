@@ -1,0 +1,71 @@
+"""Stage ``prs_instructions``: the instructions of the random-vs-PRS comparison."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from pipeline_lib.io.corpus import read_text_table
+from pipeline_lib.io.tables import read_polars, write_table
+from pipeline_lib.math.seeding import derive_seed
+from pipeline_lib.settings.sections import Settings
+from pipeline_lib.stages.common import PathLike, StageError, provenance
+
+
+def chatterbot_instructions() -> list[str]:
+    """Opening lines of the English conversations shipped in chatterbot-corpus."""
+    import importlib.metadata as md
+
+    import yaml
+
+    try:
+        dist = md.distribution("chatterbot-corpus")
+    except md.PackageNotFoundError as exc:
+        raise StageError("prs_compare.instructions 'chatterbot' needs the chatterbot-corpus "
+                         "wheel: pip install --no-deps chatterbot-corpus") from exc
+    files = sorted(str(f) for f in dist.files or []
+                   if str(f).startswith("chatterbot_corpus/data/english/")
+                   and str(f).endswith(".yml"))
+    out: list[str] = []
+    for rel in files:
+        data = yaml.safe_load(Path(str(dist.locate_file(rel))).read_text(encoding="utf-8"))
+        for conv in (data or {}).get("conversations", []) or []:
+            if conv and isinstance(conv[0], str) and len(conv[0].split()) >= 3:
+                out.append(conv[0].strip())
+    return list(dict.fromkeys(out))  # dedupe, keep order
+
+
+def run_prs_instructions(config: Settings | Mapping[str, Any], out: PathLike,
+                         prompts_test: PathLike | None = None) -> None:
+    """The comparison's instructions as a prompts table (split 'prs', preference z)."""
+    s = Settings.from_config(config)
+
+    c = s.prs_compare
+    source = c.instructions
+    if source == "prompts-test":
+        texts = read_polars(prompts_test, "prompts")["prompt"].to_list()
+    elif source == "chatterbot":
+        texts = chatterbot_instructions()
+    else:
+        frame = read_text_table(source)
+        if "instruction" not in frame.columns:
+            raise StageError(f"{source}: no 'instruction' column (config key "
+                             f"prs_compare.instructions); columns are {frame.columns}")
+        texts = [t for t in frame["instruction"].cast(pl.String).to_list() if t]
+    if len(texts) < c.n_prompts:
+        raise StageError(f"prs_compare.instructions {source!r}: {len(texts)} instructions, "
+                         f"fewer than prs_compare.n_prompts = {c.n_prompts}")
+    rng = np.random.default_rng(derive_seed(s.seed, "prs-instructions"))
+    chosen = [texts[i] for i in np.sort(rng.choice(len(texts), c.n_prompts, replace=False))]
+    z = c.preference or s.prs.preference
+    n = len(chosen)
+    frame = pl.DataFrame({
+        "prompt_id": [f"prs-{i:05d}" for i in range(n)], "split": ["prs"] * n,
+        "prompt": chosen, "text_id": [f"i{i}" for i in range(n)], "group": [source] * n,
+        "n_words": [len(t.split()) for t in chosen], "preference": [z] * n,
+    }, schema_overrides={"preference": pl.String, "n_words": pl.Int32})
+    write_table(frame, out, "prompts", provenance(s, "prs_instructions", source=source))
