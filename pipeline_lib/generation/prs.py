@@ -1,7 +1,7 @@
 """Preference-guided reflective sampling (PRS) as a sampling strategy for the samples cache.
 
 PRS draws the N responses of a prompt as a shallow tree instead of N independent draws
-(METHODS.md, "PRS"). With the default two layers of width N/2:
+(docs/METHODS.md, "PRS"). With the default two layers of width N/2:
 
 1. layer 0: sample ``widths[0]`` responses y ~ p(. | x, z) from the first-layer prompt
    (instruction x, a blank line, preference z);
@@ -155,6 +155,8 @@ class PRSConfig:
 
 @dataclass
 class GeneratedText:
+    """One generated text with its token ids and the tokens spent on it."""
+
     text: str  # decoded continuation (EOS / special tokens removed)
     token_ids: list[int]  # generated ids, including the final EOS when finished
     finished: bool
@@ -182,6 +184,8 @@ ScoreFn = Callable[[list[str], list[str]], np.ndarray]
 
 @dataclass
 class PRSSample:
+    """One sample of a PRS tree: its text and tokens, layer, parent, score and extra tokens."""
+
     sample_idx: int  # 0..N-1 within the prompt, layer 0 first
     layer: int  # 0-based
     parent_idx: int  # sample_idx of the best earlier response it refines; -1 on layer 0

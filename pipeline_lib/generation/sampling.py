@@ -15,6 +15,8 @@ from pipeline_lib.math.seeding import derive_seed
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """Temperature, top-p, top-k (0 = off) and the response length limit of a sampling call."""
+
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -23,6 +25,8 @@ class SamplingParams:
 
 @dataclass
 class Response:
+    """A sampled response: its token ids (cut after the first EOS) and whether it finished."""
+
     token_ids: list[int]  # generated ids, including the final EOS when finished
     finished: bool
 
@@ -68,6 +72,7 @@ def trim_at_eos(ids: Sequence[int], eos_id: int | None) -> list[int]:
 
 
 def response_from_ids(ids: list[int], eos_id: int | None) -> Response:
+    """A :class:`Response` of generated ids: cut after the first EOS (kept), finished if it had one."""
     kept = trim_at_eos(ids, eos_id)
     return Response(kept, eos_id is not None and eos_id in kept)
 

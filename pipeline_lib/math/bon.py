@@ -1,5 +1,21 @@
-"""BoN estimators over a cached pool of M samples per prompt: unbiased weights, BoN curves,
-the analytic and tie-aware KL(pi_BoN || pi_ref). Pure numpy; formulas in docs/METHODS.md."""
+"""BoN estimators: unbiased weights over a cached pool, BoN curves, analytic and tie-aware KL.
+
+Everything here is pure, I/O-free numpy (see ``docs/METHODS.md``).  Conventions:
+
+* A *pool* is a ``(P, M)`` array: ``P`` prompts, ``M`` cached reference samples per prompt.
+  ``gold[p, j]`` and ``proxy[p, j]`` score the same response.
+* Ranks are 1-based and ascending: ``s_(1) <= ... <= s_(M)``.
+* Best-of-n draws ``n`` of the ``M`` pooled samples *without replacement* and keeps the one with
+  the highest proxy score; ties in the proxy are broken uniformly at random.
+
+The central identity (order statistics of a uniformly random ``n``-subset)::
+
+    P(the proxy-best of an n-subset has rank i) = w_i(n) = C(i-1, n-1) / C(M, n),   n <= i <= M,
+
+so ``E[s(best of n)] = sum_{i=n}^{M} w_i(n) * s_(i)`` is the exact (unbiased, resampling-free)
+expectation over all ``C(M, n)`` subsets of the pool.
+"""
+
 
 from __future__ import annotations
 
@@ -21,6 +37,7 @@ _BLOCK_ELEMENTS = 1 << 22
 
 
 def as_float_array(name: str, a: ArrayLike, ndim: int) -> FloatArray:
+    """``a`` as a finite float64 array of ``ndim`` dimensions; raises ValueError naming ``name``."""
     arr = np.asarray(a)
     if arr.dtype == np.bool_ or not (
         np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
@@ -37,6 +54,7 @@ def as_float_array(name: str, a: ArrayLike, ndim: int) -> FloatArray:
 
 
 def as_ns(ns: int | Sequence[int] | ArrayLike, m: int, name: str = "ns") -> NDArray[np.int64]:
+    """The BoN sizes ``ns`` as int64 in [1, m]; raises ValueError naming ``name``."""
     arr = np.asarray(ns)
     if arr.ndim == 0:
         arr = arr.reshape(1)

@@ -1,6 +1,6 @@
 """Per-prompt reward CDFs from the M-sample reference cache (pure numpy, no I/O).
 
-Notation (METHODS.md): a prompt's M cached rewards r_1..r_M, sorted ascending.
+Notation (docs/METHODS.md): a prompt's M cached rewards r_1..r_M, sorted ascending.
 
 * smoothed empirical CDF, the vBoN code's estimator:
   F̂(r) = (1 + #{j : r_j < r}) / (M + 1)  in [1/(M+1), 1], so log F̂ is always finite;
@@ -15,7 +15,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import OptimizeWarning, curve_fit
 
 
 def _as_sorted_1d(sorted_rewards: np.ndarray) -> np.ndarray:
@@ -160,6 +159,8 @@ def fit_log_cdf(sorted_rewards: np.ndarray) -> CurveFit:
     Points are (r_(i), log F̂(r_(i))). Returns ``ok=False`` (NaN parameters) where scipy fails
     to converge or the result is not finite; callers then fall back to the empirical CDF.
     """
+    from scipy.optimize import OptimizeWarning, curve_fit  # scipy: only when fitting
+
     s = _as_sorted_1d(sorted_rewards)
     y = np.log(empirical_cdf(s, s))
     if np.ptp(s) == 0.0:

@@ -4,7 +4,7 @@ All functions are pure (no I/O) and operate on torch tensors. Policy/reference i
 *summed* sequence log-probabilities log pi(y|x) of shape ``(B,)``; every loss returns the
 per-example loss of shape ``(B,)`` so the caller chooses the reduction (mean, weighted, ...).
 
-Notation (see ``METHODS.md``, "Preference losses"): the policy log-ratio is
+Notation (see ``docs/METHODS.md``, "Preference losses"): the policy log-ratio is
 
     h(y) = log pi_theta(y|x) - log pi_ref(y|x),      Delta = h(y_w) - h(y_l),
 
@@ -237,7 +237,7 @@ def bradley_terry_loss(
 
         L = -log sigma(s_w - s_l) + center_coef * 0.5 * (s_w^2 + s_l^2)
 
-    ``METHODS.md`` suggests ``center_coef = 0.001`` when the penalty is used.
+    ``docs/METHODS.md`` suggests ``center_coef = 0.001`` when the penalty is used.
 
     Returns:
         Per-example loss, shape (B,).

@@ -63,6 +63,7 @@ def _check_model_dir(path: str | Path, key: str) -> Path:
 
 
 def load_tokenizer(path: str | Path, key: str = "policy.base"):
+    """The tokenizer of a local model directory, with a pad token (``key``: the config key named in errors)."""
     from transformers import AutoTokenizer
 
     path = _check_model_dir(path, key)
@@ -86,6 +87,7 @@ def load_causal_lm(path: str | Path, device: torch.device | str = "cpu", key: st
 def load_sequence_classifier(
     path: str | Path, device: torch.device | str = "cpu", key: str = "gold.path", **kwargs
 ):
+    """A sequence-classification model from a local directory (``key``: the config key named in errors)."""
     from transformers import AutoModelForSequenceClassification
 
     path = _check_model_dir(path, key)

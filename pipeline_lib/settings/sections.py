@@ -62,6 +62,8 @@ def as_dict(section: Any) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class CorpusSettings:
+    """``corpus``: the text source the prompts are cut from, its columns and filter."""
+
     source: str
     path: str | None
     text_column: str
@@ -93,6 +95,8 @@ class PolicySettings:
 
 @dataclass(frozen=True)
 class SFTSettings:
+    """``sft``: training of the reference policy."""
+
     epochs: int
     max_steps: int | None
     batch_size: int
@@ -115,6 +119,8 @@ class VLLMSettings:
 
 @dataclass(frozen=True)
 class GenerationSettings:
+    """``generation``: the sampling backend and parameters of π_ref and the trained policies."""
+
     backend: str
     vllm: VLLMSettings
     temperature: float
@@ -145,6 +151,8 @@ class SamplingSettings:
 
 @dataclass(frozen=True)
 class PRSSettings:
+    """``prs``: the PRS tree (layers, widths, preference, templates)."""
+
     layers: int
     widths: tuple[int, ...] | None
     preference: str | None
@@ -173,6 +181,8 @@ class PRSCompareSettings:
 
 @dataclass(frozen=True)
 class GoldSettings:
+    """``gold``: the gold scorer (VADER or a local classifier), its label and output."""
+
     type: str
     path: str | None
     label: str | int | None
@@ -187,6 +197,8 @@ class PreferenceDataSettings:
 
 @dataclass(frozen=True)
 class RewardModelSettings:
+    """``reward_models``: the seeds of the proxy ensemble and their Bradley-Terry training."""
+
     seeds: tuple[int, ...]
     epochs: int
     batch_size: int
@@ -208,6 +220,8 @@ class ScoringSettings:
 
 @dataclass(frozen=True)
 class CDFSettings:
+    """``cdf``: the ensemble objective of the proxy reward, its normalisation and curve fit."""
+
     objective: str
     uwo_lambda: float
     normalize: bool
@@ -241,6 +255,8 @@ class PPOSettings:
 
 @dataclass(frozen=True)
 class LaunchSettings:
+    """``training.launch``: how many processes a training job runs, under which accelerate config."""
+
     accelerate_config: str | None
     num_processes: int
 

@@ -83,6 +83,7 @@ def save_figure(fig, path: PathLike) -> None:
 
 
 def plot_prs_compare(summary: pl.DataFrame, path: PathLike) -> None:
+    """Best-of-N score of random sampling and PRS against N."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for (strategy,), part in summary.group_by(["strategy"], maintain_order=True):

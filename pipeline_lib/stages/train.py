@@ -40,7 +40,8 @@ from pipeline_lib.stages.common import (
 from pipeline_lib.stages.reward_cache import load_proxy
 from pipeline_lib.train.ppo.config import PPOConfig
 from pipeline_lib.train.ppo.trainer import train_ppo
-from pipeline_lib.train.preference import PreferenceConfig, effective_beta, train_preference
+from pipeline_lib.train.preference import train_preference
+from pipeline_lib.train.preference_objective import PreferenceConfig, effective_beta
 
 log = logging.getLogger("pipeline")
 

@@ -80,12 +80,14 @@ def reduce_sums(acc, values: Sequence[float]) -> list[float]:
 
 
 def is_deepspeed(acc) -> bool:
+    """True when the accelerator runs DeepSpeed."""
     from accelerate.utils import DistributedType
 
     return acc.distributed_type == DistributedType.DEEPSPEED
 
 
 def is_zero3(acc) -> bool:
+    """True when the accelerator runs DeepSpeed ZeRO stage 3 (sharded weights)."""
     if not is_deepspeed(acc):
         return False
     return int(acc.state.deepspeed_plugin.deepspeed_config.get(

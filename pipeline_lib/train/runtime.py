@@ -3,10 +3,23 @@ padding, and an empty model of a config (ZeRO-3 gathering)."""
 
 from __future__ import annotations
 
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import torch
 
-from pipeline_lib.train.distributed import deepspeed_requested
+from pipeline_lib.train.checkpoints import (
+    load_trainer_state,
+    load_weights_dir,
+    read_trainer_checkpoint,
+)
+from pipeline_lib.train.distributed import configure_deepspeed, deepspeed_requested
+
+log = logging.getLogger(__name__)
 
 
 def make_accelerator(device: str = "auto", mixed_precision: str = "no"):
@@ -54,3 +67,47 @@ def empty_model(config, kind: str):
 
     cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
     return cls.from_config(config)
+
+
+@dataclass
+class PreparedTrainer:
+    """An SFT or reward-model run after :func:`prepare_trainer`: the accelerate-prepared model,
+    AdamW and linear schedule, and the progress restored from ``checkpoint_dir/last``."""
+
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    ckpt_dir: Path | None
+    rows: list[dict]
+    state: dict[str, Any]  # the restored trainer state; empty for a new run
+
+    @property
+    def step(self) -> int:
+        return int(self.state.get("step", 0))
+
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad()
+
+
+def prepare_trainer(acc, model, *, lr: float, weight_decay: float, warmup_steps: int,
+                    total: int, micro_batch: int, checkpoint_dir: str | os.PathLike | None,
+                    expected: dict[str, Any], what: str) -> PreparedTrainer:
+    """Load the weights of a checkpoint of the same run (``expected``: its invariants) when
+    there is one, build AdamW with a linear warm-up schedule over ``total`` steps, prepare both
+    with ``acc`` and restore the optimizer, schedule and RNG states."""
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    resume, state, rows = read_trainer_checkpoint(ckpt_dir, expected)
+    if resume is not None:
+        load_weights_dir(model, resume)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=float(lr),
+                                  weight_decay=float(weight_decay))
+    scheduler = warmup_scheduler(optimizer, int(warmup_steps), total)
+    configure_deepspeed(acc, micro_batch, None)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    if resume is not None:
+        load_trainer_state(acc, optimizer, scheduler, resume)
+        log.info("resuming %s from %s at step %d", what, resume, int(state["step"]) + 1)
+    return PreparedTrainer(model, optimizer, scheduler, ckpt_dir, rows,
+                           dict(state) if resume is not None else {})

@@ -60,8 +60,7 @@ def model(tok):
 def pairs(tok, policy, n_pairs: int = 11) -> pl.DataFrame:
     """Random best/worst responses with their reference log-probs under ``policy``."""
     from pipeline_lib.models.encoding import encode_prompt
-    from pipeline_lib.train.preference import policy_logprobs
-
+    from pipeline_lib.train.preference_objective import policy_logprobs
     rng = np.random.default_rng(0)
     ids = [tok.convert_tokens_to_ids(w) for w in WORDS]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n_pairs)]

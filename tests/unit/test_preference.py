@@ -22,12 +22,12 @@ from pipeline_lib.math.losses import bonbon_beta, bonbon_loss, dpo_loss, ipo_los
 from pipeline_lib.models.encoding import encode_prompt
 from pipeline_lib.models.loading import build_scratch_policy, train_tokenizer
 from pipeline_lib.train.pairs import PAIR_COLUMNS, bon_pairs
-from pipeline_lib.train.preference import (
+from pipeline_lib.train.preference import train_preference
+from pipeline_lib.train.preference_objective import (
     PreferenceConfig,
     effective_beta,
     policy_logprobs,
     preference_loss,
-    train_preference,
 )
 
 # ------------------------------------------------------------------------------ bon_pairs

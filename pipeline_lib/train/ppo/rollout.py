@@ -61,6 +61,7 @@ class RolloutBatch:
 def make_batch(
     prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int
 ) -> RolloutBatch:
+    """Right-padded prompt + response sequences and their response-token layout."""
     if any(len(r) == 0 for r in responses):
         raise ValueError("every response needs at least one token")
     if any(len(p) == 0 for p in prompts):
@@ -93,10 +94,12 @@ def at_response(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log-softmax of ``logits`` at ``tokens`` (the log-prob of each token)."""
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def generation_config(cfg: PPOConfig, tokenizer, pad_id: int):
+    """The transformers GenerationConfig of a rollout (sampling with the config's parameters)."""
     from transformers import GenerationConfig
 
     return GenerationConfig(
