@@ -253,3 +253,6 @@ def describe_schema(name: str) -> str:
         null = " (nullable)" if field.nullable else ""
         lines.append(f"  {field.name}: {field.type}{null}" + (f"  -- {doc}" if doc else ""))
     return "\n".join(lines)
+
+if __name__ == "__main__":  # python -m pipeline_lib.io.schemas: print every declared table
+    print("\n\n".join(describe_schema(name) for name in SCHEMAS))

@@ -4,17 +4,11 @@ sequence rewards of fresh samples against a prompt's cached rewards. Pure numpy.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
-from pipeline_lib.math.cdf import count_at_or_below, count_below
-
-if TYPE_CHECKING:  # the Snakefile imports this module: keep torch/scipy out of its start-up
-    from pipeline_lib.math.cdf import CurveFit
-
-
+from pipeline_lib.math.cdf import CurveFit, count_at_or_below, count_below
 
 ArrayLike = npt.ArrayLike
 

@@ -100,3 +100,35 @@ def test_canonical_sections_do_not_depend_on_key_order():
     assert repr(a) != repr(b) and repr(canonical(a)) == repr(canonical(b))
     assert repr(canonical(a)) != repr(canonical({**b, "b": 2}))
     assert canonical({"l": [3, 1, 2]}) == {"l": [3, 1, 2]}  # list order is meaning
+
+
+@pytest.mark.parametrize("section, key", [
+    ("training.ppo", "lr_warmup"), ("training.preference", "epoch"), ("generation.vllm", "tp"),
+    ("sampling.M", "val"),
+])
+def test_an_unknown_key_in_any_section_fails_at_parse_time_naming_it(section, key):
+    """A typo in a trainer section fails when the config is checked (before any job runs), not
+    when a train job starts."""
+    cfg = default()
+    node = cfg
+    for part in section.split("."):
+        node = node.setdefault(part, {})
+    node[key] = 1
+    with pytest.raises(Exception) as err:
+        validate_config(cfg)
+    message = str(err.value)  # the schema's or the settings parser's: both name the key
+    assert f"{section}.{key}" in message or (
+        f"'{key}' was unexpected" in message
+        and all(f"['{s}']" in message for s in section.split(".")))
+
+
+def test_settings_are_frozen_sections_of_the_validated_config():
+    from pipeline_lib.settings.sections import CDFSettings, Settings
+
+    s = Settings.from_config(validate_config(default()))
+    assert isinstance(s.cdf, CDFSettings) and s.cdf.objective == "mean"
+    assert s.sampling.M.of("test") == 64 and s.training.ppo.steps == 40
+    assert s.evaluation.bon_ns == (1, 2, 4, 8, 16, 32, 64)
+    with pytest.raises(AttributeError):
+        s.cdf.objective = "wco"  # frozen
+    assert Settings.from_config(s) is s
