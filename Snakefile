@@ -1,5 +1,8 @@
 # Best-of-N alignment pipeline. See README.md; stages in workflow/rules/*.smk.
 # report: the summary figures and tables are flagged with report(); `snakemake --report report.html`.
+# Per-rule resources (memory, time, CPUs per GPU) live in the workflow profile
+# profiles/default/config.yaml, which Snakemake reads by itself; cluster settings in a profile
+# of yours (`--profile slurm`, see README).
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -10,10 +13,10 @@ configfile: "config/config.yaml"
 
 validate(config, "workflow/schemas/config.schema.yaml", set_default=True)
 
-from pipeline_lib.config import ConfigError, check_config
+from pipeline_lib.settings.config import ConfigError, check_config, canonical
 
 try:
-    check_config(config)
+    SETTINGS = check_config(config)
 except ConfigError as exc:
     raise WorkflowError(f"invalid configuration: {exc}") from None
 
@@ -27,6 +30,18 @@ include: "workflow/rules/cdf.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/prs.smk"
+
+
+# Tiny CPU jobs run where Snakemake runs (under a cluster profile: on the submitting host,
+# not as cluster jobs).
+localrules:
+    prompts,
+    gather_samples,
+    cdf,
+    pairs,
+    bon_curve,
+    summary,
+    prs_instructions,
 
 
 rule all:

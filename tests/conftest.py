@@ -26,11 +26,11 @@ def tiny_policy_dir(tmp_path_factory) -> Path:
     """A 1-layer GPT-2 with a trained byte-level BPE tokenizer, saved with save_pretrained."""
     import torch
 
-    from pipeline_lib.modeling import build_scratch_policy, save_model, train_tokenizer
+    from pipeline_lib.models.loading import build_scratch_policy, save_model, train_tokenizer
 
     torch.manual_seed(0)
     tok = train_tokenizer(TEXTS, vocab_size=320)
-    model = build_scratch_policy(tok, {"n_positions": 64, "n_embd": 32, "n_layer": 1, "n_head": 2})
+    model = build_scratch_policy(tok, **{"n_positions": 64, "n_embd": 32, "n_layer": 1, "n_head": 2})
     path = tmp_path_factory.mktemp("policy") / "sft"
     save_model(model, tok, path)
     return path
@@ -38,7 +38,7 @@ def tiny_policy_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def config() -> dict:
-    from pipeline_lib.config import validate_config
+    from pipeline_lib.settings.config import validate_config
 
     cfg = yaml.safe_load((ROOT / "tests/data/tiny.yaml").read_text())
     cfg["device"] = "cpu"

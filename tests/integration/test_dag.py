@@ -1,15 +1,21 @@
-"""The real Snakemake DAG on the tiny config: tables, no-op rerun, single targets, determinism.
+"""The real Snakemake DAG on the tiny config: tables, no-op rerun, single targets, what reruns
+when a setting changes, benchmarks; and, in dry runs (fast), the declared inputs, local rules
+and wildcard constraints.
 
-Runs `snakemake` as users do (a subprocess), in temporary working directories.
+Runs `snakemake` as users do (a subprocess), in temporary working directories. The full DAG
+runs once per session (the `tiny_dag` fixture of conftest.py); test_slurm.py compares a SLURM
+run of the same config with it, table by table (the same config and seed must give identical
+tables), and a unit test (tests/unit/test_stages.py) that samples do not depend on the shard
+count.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,13 +24,14 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from dag_support import ROOT, TINY, snakemake_cmd, snakemake_env
 
-from pipeline_lib.cdf import empirical_cdf
-from pipeline_lib.schemas import SCHEMAS, read_polars, read_provenance
+from pipeline_lib.io.schemas import SCHEMAS
+from pipeline_lib.io.tables import read_polars, read_provenance
+from pipeline_lib.math.cdf import empirical_cdf
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "tests" / "data" / "tiny.yaml"
 pytestmark = pytest.mark.integration
+slow = pytest.mark.slow  # reads the full tiny DAG's results (or runs more of it)
 
 TABLES = {
     "data/prompts-train.parquet": "prompts",
@@ -53,27 +60,32 @@ RUNS = ["ppo-b0.05", "vbon-n4-exact", "vbon-n4-l1", "bond-n4-w0.5", "dpo-n4-b0.1
 TABLES |= {f"logs/train-{r}.parquet": "policy_log" for r in RUNS}
 
 
+# The GPU rules (benchmarked) and the local rules (tiny CPU jobs, never cluster jobs).
+GPU_RULES = {"sft", "preferences", "reward_model", "sample", "score", "train", "evaluate",
+             "prs_compare"}
+LOCAL_RULES = {"prompts", "gather_samples", "cdf", "pairs", "bon_curve", "summary",
+               "prs_instructions"}
+
+
 def snakemake(workdir: Path, *args: str, configfile: Path = TINY, check: bool = True):
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
-           "--directory", str(workdir), "--configfile", str(configfile), "--cores", "2", *args]
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env)
+    cmd = snakemake_cmd(workdir, "--cores", "2", *args, configfile=configfile)
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=snakemake_env())
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    workdir = tmp_path_factory.mktemp("dag")
-    snakemake(workdir)
-    return workdir / "results" / "tiny"
+def run(tiny_dag) -> Path:
+    """results/tiny of the session's full tiny DAG."""
+    return tiny_dag.wait()
 
 
 def cfg() -> dict:
     return yaml.safe_load(TINY.read_text())
 
 
+@slow
 def test_every_table_matches_its_schema(run):
     for rel, schema in TABLES.items():
         frame = read_polars(run / rel, schema)
@@ -84,6 +96,7 @@ def test_every_table_matches_its_schema(run):
         assert (run / d / "config.json").exists()
 
 
+@slow
 def test_prompt_splits_are_disjoint_by_group(run):
     train = read_polars(run / "data/prompts-train.parquet", "prompts")
     test = read_polars(run / "data/prompts-test.parquet", "prompts")
@@ -95,6 +108,7 @@ def test_prompt_splits_are_disjoint_by_group(run):
     assert train["n_words"].min() >= 2 and train["n_words"].max() <= 8
 
 
+@slow
 def test_reward_cache_is_long_format_one_row_per_prompt_sample_scorer(run):
     samples = read_polars(run / "samples/train.parquet", "samples")
     rewards = read_polars(run / "rewards/train.parquet", "rewards")
@@ -115,6 +129,7 @@ def test_reward_cache_is_long_format_one_row_per_prompt_sample_scorer(run):
     assert gold == pytest.approx(vader.polarity_scores(row["prompt"] + row["response"])["compound"])
 
 
+@slow
 def test_cdf_is_the_sorted_normalised_uwo_ensemble(run):
     """Recompute the tiny config's objective (UWO, lambda 0.5, z-normalised by the train
     cache) independently from the reward cache and compare."""
@@ -141,6 +156,7 @@ def test_cdf_is_the_sorted_normalised_uwo_ensemble(run):
         assert empirical_cdf(s, s[-1:])[0] <= 1.0
 
 
+@slow
 def test_logs_have_progress_and_losses(run):
     log = (run / "logs/sft.log").read_text()
     assert "sft:" in log and "job sft finished" in log  # tqdm bar and the job summary
@@ -154,6 +170,7 @@ def test_logs_have_progress_and_losses(run):
     assert not (run / "checkpoints/sft").exists() and not (run / "checkpoints/rm-seed1").exists()
 
 
+@slow
 def test_every_method_trains_and_its_loss_moves(run):
     for name in RUNS:
         log = read_polars(run / f"logs/train-{name}.parquet", "policy_log")
@@ -167,12 +184,14 @@ def test_every_method_trains_and_its_loss_moves(run):
     assert ppo["reward"].is_not_null().all() and ppo["entropy"].is_not_null().all()
 
 
+@slow
 def test_pairs_are_best_and_worst_of_first_n(run):
     pairs = read_polars(run / "data/bon4-pairs.parquet", "pairs")
     assert (pairs["best_idx"] < 4).all() and (pairs["worst_idx"] < 4).all()
     assert (pairs["best_proxy"] > pairs["worst_proxy"]).all()
 
 
+@slow
 def test_evaluation_summary_and_figures(run):
     summary = read_polars(run / "summary.parquet", "eval_summary")
     policies = set(summary["policy"])
@@ -193,6 +212,7 @@ def test_evaluation_summary_and_figures(run):
         assert (run / f"figures/{fig}.png").stat().st_size > 10_000
 
 
+@slow
 def test_prs_comparison_runs_end_to_end(run):
     samples = read_polars(run / "prs/samples.parquet", "prs_samples")
     n = cfg()["prs_compare"]["n_prompts"]
@@ -213,6 +233,7 @@ def test_prs_comparison_runs_end_to_end(run):
     assert (run / "figures/prs_compare.png").exists()
 
 
+@slow
 def test_noop_rerun_and_single_target(run):
     workdir = run.parent.parent
     dry = snakemake(workdir, "-n")
@@ -226,25 +247,6 @@ def test_noop_rerun_and_single_target(run):
     for other in ("sft", "sample", "score", "reward_model"):
         assert f"rule {other}:" not in out
     assert pq.read_table(target).equals(before)
-
-
-def test_same_config_and_seed_give_identical_tables(run, tmp_path):
-    """A second run (with a different shard count, which must not matter) reproduces every
-    table exactly."""
-    config = cfg()
-    config["sampling"]["shards"] = 1
-    configfile = tmp_path / "tiny-1shard.yaml"
-    configfile.write_text(yaml.safe_dump(config))
-    workdir = tmp_path / "again"
-    workdir.mkdir()
-    snakemake(workdir, configfile=configfile)
-    for rel in TABLES:
-        a = pq.read_table(run / rel).replace_schema_metadata(None)
-        b = pq.read_table(workdir / "results/tiny" / rel).replace_schema_metadata(None)
-        if "elapsed_s" in a.column_names:  # wall-clock column differs; nothing else may
-            a, b = a.drop(["elapsed_s"]), b.drop(["elapsed_s"])
-        assert a.equals(b), f"{rel} differs between two runs of the same config and seed"
-    shutil.rmtree(workdir)
 
 
 @pytest.mark.parametrize(
@@ -270,6 +272,141 @@ def test_schema_names_cover_tables():
     assert set(TABLES.values()) <= set(SCHEMAS)
 
 
+# ---------------------------------------------------------------------------------------------
+# The plan, in dry runs (nothing runs; seconds)
+
+
+def dry_run(workdir: Path, *args: str, configfile: Path = TINY) -> str:
+    proc = snakemake(workdir, "-n", *args, configfile=configfile)
+    return proc.stdout + proc.stderr
+
+
+def planned_jobs(output: str) -> list[dict[str, str]]:
+    """The jobs a dry run lists: rule and its printed fields (input, output, benchmark, reason,
+    wildcards, ...)."""
+    jobs = []
+    for m in re.finditer(r"^(localrule|rule) (\w+):\n((?:    .*\n?)*)", output, re.M):
+        fields = dict(re.findall(r"^    (\w+): (.*)$", m[3], re.M))
+        jobs.append({"rule": m[2], "local": m[1] == "localrule", **fields})
+    return jobs
+
+
+def inputs_of(job: dict[str, str]) -> set[str]:
+    return set(job["input"].split(", ")) if "input" in job else set()
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_tiny_cpu_rules_are_local_and_gpu_rules_benchmarked(tmp_path):
+    """Under a cluster profile the local rules run on the submitting host; every job of a GPU
+    rule writes a benchmark table under results/<task>/benchmarks/, no other job does."""
+    jobs = [j for j in planned_jobs(dry_run(tmp_path)) if j["rule"] != "all"]
+    assert {j["rule"] for j in jobs} == LOCAL_RULES | GPU_RULES
+    # a dry run does not say which jobs are local (a SLURM run does: test_slurm.py)
+    block = re.search(r"^localrules:\n((?:    \w+,?\n)+)", (ROOT / "Snakefile").read_text(), re.M)
+    assert set(re.findall(r"\w+", block[1])) == LOCAL_RULES
+    for job in jobs:
+        if job["rule"] in GPU_RULES:
+            assert re.fullmatch(r"results/tiny/benchmarks/[\w.-]+\.tsv", job["benchmark"]), job
+        else:
+            assert "benchmark" not in job, job
+    benchmarks = [j["benchmark"] for j in jobs if "benchmark" in j]
+    assert len(set(benchmarks)) == len(benchmarks)
+    prompts = next(j for j in jobs if j["rule"] == "prompts")
+    assert not inputs_of(prompts)  # the built-in corpus ships in a wheel: no file to watch
+
+
+def test_local_files_a_rule_reads_are_its_inputs(tmp_path):
+    """A local corpus (prompts), base model (sft) and gold classifier (every rule that scores
+    with gold) are inputs, file by file, so that editing one reruns its readers; hidden files
+    (a download cache) are not."""
+    corpus = tmp_path / "corpus.csv"
+    corpus.write_text("text,movie\n")
+    base, gold = tmp_path / "base", tmp_path / "gold"
+    for d in (base, gold):
+        (d / ".cache").mkdir(parents=True)
+        (d / ".cache" / "download.lock").write_text("")
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            (d / name).write_text("{}")  # a dry run reads none of them
+    config = yaml.safe_load(TINY.read_text())
+    config["corpus"] = {"path": str(corpus), "text_column": "text", "group_column": "movie"}
+    config["policy"]["base"] = str(base)
+    config["gold"] = {"type": "hf", "path": str(gold)}
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    jobs = planned_jobs(dry_run(workdir, configfile=write_config(tmp_path / "c.yaml", config)))
+    base_files = {str(base / n) for n in ("config.json", "model.safetensors", "tokenizer.json")}
+    gold_files = {str(gold / n) for n in ("config.json", "model.safetensors", "tokenizer.json")}
+    gold_readers = {"preferences", "score", "evaluate", "prs_compare"}  # prs_compare: gold_response
+    for job in jobs:
+        inputs = inputs_of(job)
+        assert (str(corpus) in inputs) == (job["rule"] == "prompts"), job
+        assert (base_files <= inputs) == (job["rule"] == "sft"), job
+        assert (gold_files <= inputs) == (job["rule"] in gold_readers), job
+        assert not any(".cache" in i for i in inputs), job
+    assert sum(j["rule"] == "evaluate" for j in jobs) == 9
+
+
+def test_run_names_are_matched_literally(tmp_path):
+    """Wildcard constraints built from run names escape them: `ppo-b0.05` does not match
+    `ppo-b0x05`."""
+    dry_run(tmp_path, "results/tiny/logs/train-ppo-b0.05.parquet",
+            "results/tiny/eval/summary-ppo-b0.05.parquet")
+    for target in ("results/tiny/logs/train-ppo-b0x05.parquet",
+                   "results/tiny/eval/summary-ppo-b0x05.parquet"):
+        proc = snakemake(tmp_path, "-n", target, check=False)
+        assert proc.returncode != 0
+        assert "MissingRuleException" in proc.stdout + proc.stderr, target
+
+
+@slow
+def test_a_setting_reruns_only_the_jobs_that_read_it(run, tmp_path):
+    """Each rule's params name the settings it reads: a setting no job reads (device), or one
+    only some jobs read, reruns only those (dry runs against the finished DAG's metadata)."""
+    workdir = run.parent.parent
+
+    def params_changed(change) -> set[str]:
+        config = yaml.safe_load(TINY.read_text())
+        change(config)
+        out = dry_run(workdir, configfile=write_config(tmp_path / "changed.yaml", config))
+        return {f"{j['rule']}[{j.get('wildcards', '')}]" for j in planned_jobs(out)
+                if "Params have changed" in j.get("reason", "")}
+
+    assert params_changed(lambda c: None) == set()
+    assert params_changed(lambda c: c.update(device="auto")) == set()
+    # `prs` only guides PRS sampling (tiny.yaml samples at random) and the PRS comparison
+    assert params_changed(lambda c: c["prs"].update(feedback_max_new_tokens=9)) == {
+        "prs_compare[]"}
+    # the BoN-curve grid is bon_curve's alone, not the policies' evaluation
+    assert params_changed(lambda c: c["evaluation"].update(bon_ns=[1, 2, 4])) == {
+        "bon_curve[]"}
+    # a run reads its own trainer's section: the PPO trainer's, or the preference trainer's
+    ppo_runs = {"ppo-b0.05", "vbon-n4-exact", "vbon-n4-l1", "bond-n4-w0.5"}
+    assert params_changed(lambda c: c["training"]["ppo"].update(steps=5)) == {
+        f"train[policy={r}]" for r in ppo_runs}
+    assert params_changed(lambda c: c["training"]["preference"].update(epochs=3)) == {
+        f"train[policy={r}]" for r in set(RUNS) - ppo_runs}
+
+
+@slow
+def test_gpu_jobs_write_benchmarks_readable_with_polars(run):
+    """Snakemake's benchmark tables (tab-separated: s, h:m:s, max_rss, ..., cpu_time), one per
+    GPU job, read with polars as the README shows."""
+    expected = {"sft", "preferences", "rm-seed1", "rm-seed2", "score-train", "score-test",
+                "prs_compare", *(f"sample-{s}-{i}" for s in ("train", "test") for i in (0, 1)),
+                *(f"train-{r}" for r in RUNS), *(f"evaluate-{p}" for p in ("sft", *RUNS))}
+    assert {p.stem for p in (run / "benchmarks").glob("*.tsv")} == expected
+    for name in expected:
+        bench = pl.read_csv(run / "benchmarks" / f"{name}.tsv", separator="\t")
+        assert bench.height == 1, name
+        assert {"s", "max_rss", "cpu_time"} <= set(bench.columns), name
+        assert bench["s"][0] > 0, name
+
+
+@slow
 def test_training_jobs_under_accelerate_launch_ddp(run, tmp_path):
     """training.launch = ddp with 2 processes (on CPU: gloo): `train`, `reward_model` and `sft`
     jobs run through `accelerate launch`; DPO, whose global batches are split over the ranks,
@@ -324,6 +461,7 @@ def test_training_jobs_under_accelerate_launch_ddp(run, tmp_path):
         assert last == pytest.approx(one_last, rel=0.05), target
 
 
+@slow
 def test_killed_sft_job_resumes_from_its_checkpoint_with_rerun_incomplete(tmp_path):
     """Snakemake killed (SIGKILL, as a lost node or a wall-time kill) during the SFT job; the
     rerun with --rerun-incomplete resumes at the checkpoint and trains the same model as an
@@ -341,11 +479,9 @@ def test_killed_sft_job_resumes_from_its_checkpoint_with_rerun_incomplete(tmp_pa
 
     killed = tmp_path / "killed"
     killed.mkdir()
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
-           "--directory", str(killed), "--configfile", str(configfile), "--cores", "2", target]
-    proc = subprocess.Popen(cmd, cwd=killed, env={**os.environ, "PYTHONHASHSEED": "0"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    cmd = snakemake_cmd(killed, "--cores", "2", target, configfile=configfile)
+    proc = subprocess.Popen(cmd, cwd=killed, env=snakemake_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     state = killed / "results/tiny/checkpoints/sft/last/state.json"
     deadline = time.monotonic() + 600
     while not state.exists() and proc.poll() is None and time.monotonic() < deadline:

@@ -28,10 +28,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline_lib.launch import ACCELERATE_DIR, free_port
+from pipeline_lib.settings.launch import ACCELERATE_DIR
+from pipeline_lib.train.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "launch" / "worker.py"
+pytestmark = pytest.mark.slow  # some 27 two-process launches: minutes
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed "
                                      "(bash setup.sh installs it)")

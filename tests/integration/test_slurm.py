@@ -1,4 +1,11 @@
-"""The SLURM profile, and the tiny DAG run through SLURM on a real single-node test cluster.
+"""The profiles, and the tiny DAG run through SLURM on a real single-node test cluster.
+
+Two profiles meet on a cluster run: the workflow profile profiles/default/config.yaml (per-rule
+resources; Snakemake reads it by itself, also on local runs, where it changes nothing) and the
+user's `slurm` profile (executor, account, partitions, retries), which setup.sh installs from
+profiles/slurm/ into $XDG_CONFIG_HOME/snakemake/slurm/ (~/.config/snakemake/slurm/) with
+profiles/install_slurm_profile.py, so that `snakemake --cores all --profile slurm` finds it by
+name. The profile tests need no cluster.
 
 The cluster (slurmctld, slurmd, slurmdbd + a private mariadbd, munged; all on 127.0.0.1) is
 started by tests/slurm/start_cluster.sh from Debian's packages (.ci/install-slurm.sh installs
@@ -6,17 +13,19 @@ them). Where it cannot be started (not root, packages missing, a daemon that doe
 up), the cluster tests skip and the reason names the step that failed; with
 BON_REQUIRE_SLURM=1 they fail instead.
 
-The DAG runs as users run it: `snakemake --profile profiles/slurm`, plus the overrides that
-the CPU-only test cluster needs (its partition and account, no GPUs; derived from the
-profile itself, see `test_cluster_overrides`). The test checks in `sacct` that every job went
-through sbatch with the profile's resources, that the tables equal a local run's, and that a
-job killed for exceeding its memory is retried with more (the profile's `retries` and
-attempt-scaled `mem_mb`).
+The DAG runs as users run it: `snakemake --cores all --profile slurm`, with XDG_CONFIG_HOME
+pointing at a temporary directory where the install script put the profile and the test
+filled in the test cluster's account and partition, as a user edits theirs. The test checks in
+`sacct` that every job but the local rules' went through sbatch with the workflow profile's
+resources, that the tables equal those of the session's local run of the same config (the
+`tiny_dag` fixture, which test_dag.py reads too), and that a job killed for exceeding its
+memory is retried with more (the profile's `retries`, the attempt-scaled `mem_mb`).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import re
 import shutil
@@ -26,25 +35,25 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
-import pyarrow.parquet as pq
 import pytest
 import yaml
+from dag_support import ROOT, TINY, job_counts, snakemake_cmd, snakemake_env, table_equal
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "tests" / "data" / "tiny.yaml"
-PROFILE = ROOT / "profiles" / "slurm"
+WORKFLOW_PROFILE = ROOT / "profiles" / "default"
+SLURM_TEMPLATE = ROOT / "profiles" / "slurm"
 LOCAL_PROFILE = ROOT / "profiles" / "local"
+INSTALL = ROOT / "profiles" / "install_slurm_profile.py"
 START = ROOT / "tests" / "slurm" / "start_cluster.sh"
 STOP = ROOT / "tests" / "slurm" / "stop_cluster.sh"
 PARTITION, ACCOUNT = "debug", "bontest"  # made by start_cluster.sh
 RUN_TIMEOUT_S = 1500  # the tiny DAG through SLURM: 9-10 min measured on 2 busy cores
-# Resources the CPU-only test cluster cannot honour: replaced (gpu -> 0) or dropped.
-GPU_KEYS = ("gpu_model", "gres", "cpus_per_gpu", "slurm_partition")
+CLUSTER_KEYS = ("slurm_account", "slurm_partition", "partition", "account", "gpu_model", "gres")
 
 
-def load_profile(path: Path = PROFILE) -> dict:
-    # FullLoader, as Snakemake's profile reader (yte) does: the profile uses YAML merge keys.
+def load_profile(path: Path) -> dict:
+    # FullLoader, as Snakemake's profile reader (yte) does: the profiles use YAML merge keys.
     return yaml.load((path / "config.yaml").read_text(), Loader=yaml.FullLoader)
 
 
@@ -58,34 +67,182 @@ def rule_blocks() -> dict[str, str]:
     return blocks
 
 
-def cluster_overrides(profile: dict) -> list[str]:
-    """The command-line overrides for the test cluster, derived from the profile.
-
-    `--default-resources` and `--set-resources` on the command line replace the profile's
-    whole entry, so `--set-resources` restates every per-rule resource of the profile, with
-    `gpu` set to 0 and the GPU-only keys (and the GPU partition) dropped."""
-    set_resources = [
-        f"{rule}:{key}={0 if key == 'gpu' else value}"
-        for rule, resources in profile["set-resources"].items()
-        for key, value in resources.items()
-        if key not in GPU_KEYS
-    ]
-    return [
-        "--default-resources", f"slurm_partition={PARTITION}", f"slurm_account={ACCOUNT}",
-        "--set-resources", *set_resources,
-        # status checks every 2 s instead of every 40 s: the tiny jobs take seconds
-        "--slurm-init-seconds-before-status-checks", "2",
-    ]
+def local_rules() -> set[str]:
+    """The Snakefile's `localrules` (run where Snakemake runs, never submitted)."""
+    block = re.search(r"^localrules:\n((?:    \w+,?\n)+)", (ROOT / "Snakefile").read_text(), re.M)
+    return set(re.findall(r"\w+", block[1]))
 
 
-def snakemake_cmd(workdir: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
-            "--directory", str(workdir), "--configfile", str(TINY), *args]
+def install_profile(config_home: Path, **env: str) -> str:
+    """setup.sh's step: the install script, with XDG_CONFIG_HOME = ``config_home``."""
+    proc = subprocess.run([sys.executable, str(INSTALL)], capture_output=True, text=True,
+                          env={**os.environ, "XDG_CONFIG_HOME": str(config_home), **env},
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
 
 
-def run_bounded(cmd: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+def configure_for_test_cluster(config_home: Path) -> Path:
+    """What a user of the test cluster would edit in the installed profile: the account and
+    the CPU partition (it has no GPU partition; the tiny config runs on `device: cpu`, so no
+    job asks for a GPU)."""
+    profile = config_home / "snakemake" / "slurm"
+    for name, old, new in (("config.yaml", "YOUR_ACCOUNT", ACCOUNT),
+                           ("partitions.yaml", "YOUR_CPU_PARTITION", PARTITION)):
+        text = (profile / name).read_text()
+        assert old in text, (name, old)
+        (profile / name).write_text(text.replace(old, new))
+    return profile
+
+
+def snakemake_run(cwd: Path, cmd: list[str], config_home: Path | None = None,
+                  timeout: float = 120) -> subprocess.CompletedProcess:
+    env = snakemake_env(**({"XDG_CONFIG_HOME": str(config_home)} if config_home else {}))
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+# --------------------------------------------------------------------------------------
+# The profiles (no cluster needed).
+
+
+def test_workflow_profile_is_found_by_itself_and_local_runs_stay_local(tmp_path):
+    """`snakemake -n` from the repository root, and with --snakefile from elsewhere, reads
+    profiles/default without being told, and plans a local run (no executor, no retries)."""
+    from_root = snakemake_run(ROOT, [sys.executable, "-m", "snakemake", "-n", "--directory",
+                                     str(tmp_path), "--configfile",
+                                     str(ROOT / "config" / "config.yaml")])
+    out = from_root.stdout + from_root.stderr
+    assert from_root.returncode == 0, out
+    assert "Using workflow specific profile profiles/default" in out
+    elsewhere = snakemake_run(tmp_path, snakemake_cmd(tmp_path, "-n"))
+    out = elsewhere.stdout + elsewhere.stderr
+    assert elsewhere.returncode == 0, out
+    assert f"workflow specific profile {WORKFLOW_PROFILE}" in out
+    assert "Job stats:" in out
+
+
+def test_workflow_profile_holds_per_rule_resources_only():
+    """Every rule but `all` has memory and time in the workflow profile, growing with the
+    attempt; the GPU rules (those whose `gpu` the rules declare) have CPUs per GPU; nothing
+    there is cluster-specific or changes how a local run behaves; partitions and accounts
+    appear in no rule either."""
+    from snakemake.cli import get_argument_parser
+
+    profile = load_profile(WORKFLOW_PROFILE)
+    assert set(profile) == {"set-resources"}
+    blocks = rule_blocks()
+    rules = set(blocks) - {"all"}
+    per_rule = profile["set-resources"]
+    assert set(per_rule) == rules, "rules without (or unknown rules with) profile resources"
+    gpu_rules = {name for name, body in blocks.items() if re.search(r"^\s+gpu=", body, re.M)}
+    assert gpu_rules == {"sft", "preferences", "reward_model", "sample", "score", "train",
+                         "evaluate", "prs_compare"}
+    assert not gpu_rules & local_rules()
+    for rule in ("sft", "reward_model", "train"):  # one GPU per accelerate process
+        assert re.search(r"^\s+gpu=TRAIN_GPUS,", blocks[rule], re.M), rule
+    for rule, res in per_rule.items():
+        for key in ("mem_mb", "runtime"):
+            first, second = (eval(str(res[key]), {"attempt": a}) for a in (1, 2))
+            assert second == 2 * first, (rule, key)
+        assert "gpu" not in res and not set(res) & set(CLUSTER_KEYS), rule  # GPUs: the rules'
+        assert (res.get("cpus_per_gpu", 0) >= 1) == (rule in gpu_rules), rule
+    for name, body in blocks.items():
+        assert not re.search(r"\b(slurm_\w+|partition|account|gpu_model|gres)\s*=", body), name
+    args = get_argument_parser(profiles=[str(WORKFLOW_PROFILE)]).parse_args([])
+    assert set(args.set_resources) == rules
+    assert args.executor is None and not args.retries and not args.rerun_incomplete
+    assert not args.resources  # no global caps: a local run blocks on nothing
+
+
+def test_slurm_profile_is_installed_by_name_and_never_overwritten(tmp_path):
+    """The install script puts the template where `--profile slurm` finds it; run again, or
+    where a profile exists (the user's, or a site-wide one), it changes nothing."""
+    home = tmp_path / "config"
+    out = install_profile(home)
+    installed = home / "snakemake" / "slurm"
+    for name in ("config.yaml", "partitions.yaml"):
+        assert (installed / name).read_text() == (SLURM_TEMPLATE / name).read_text()
+        assert f"installed {installed / name}" in out
+    # the plain form, from the repository root
+    dry = snakemake_run(ROOT, [sys.executable, "-m", "snakemake", "--cores", "all", "--profile",
+                               "slurm", "-n", "--directory", str(tmp_path / "work"),
+                               "--configfile", str(TINY)], config_home=home)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert ("Using profiles slurm and workflow specific profile profiles/default"
+            in dry.stderr)
+    # never overwritten
+    mine = (installed / "config.yaml").read_text() + "# my edits\n"
+    (installed / "config.yaml").write_text(mine)
+    (installed / "partitions.yaml").unlink()
+    out = install_profile(home)
+    assert "left as it is" in out and str(installed / "config.yaml") in out
+    assert (installed / "config.yaml").read_text() == mine
+    assert not (installed / "partitions.yaml").exists()
+    # a directory with only some files: the missing ones are added, the others kept
+    partial = tmp_path / "partial"
+    (partial / "snakemake" / "slurm").mkdir(parents=True)
+    (partial / "snakemake" / "slurm" / "partitions.yaml").write_text("partitions: {}\n")
+    out = install_profile(partial)
+    assert (partial / "snakemake" / "slurm" / "partitions.yaml").read_text() == "partitions: {}\n"
+    assert (partial / "snakemake" / "slurm" / "config.yaml").exists() and "kept your" in out
+    # a site-wide profile (searched after the user's) wins over installing one
+    site = tmp_path / "site"
+    (site / "snakemake" / "slurm").mkdir(parents=True)
+    (site / "snakemake" / "slurm" / "config.yaml").write_text("executor: slurm\n")
+    out = install_profile(tmp_path / "empty", XDG_CONFIG_DIRS=str(site))
+    assert str(site / "snakemake" / "slurm" / "config.yaml") in out
+    assert not (tmp_path / "empty" / "snakemake" / "slurm").exists()
+
+
+def test_slurm_profile_and_workflow_profile_combine(tmp_path, monkeypatch):
+    """`--profile slurm` (installed, account filled in) plus the workflow profile: the SLURM
+    executor with retries, the account, the partition file, and every rule's resources."""
+    from snakemake.cli import parse_args
+
+    home = tmp_path / "config"
+    install_profile(home)
+    profile = configure_for_test_cluster(home)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home))
+    monkeypatch.chdir(ROOT)
+    _, args = parse_args(["--cores", "all", "--profile", "slurm"])
+    assert args.executor == "slurm"
+    assert args.retries >= 1 and args.rerun_incomplete and args.keep_going
+    assert "slurm_account" in args.default_resources
+    assert str(args.default_resources["slurm_account"].raw) in (ACCOUNT, repr(ACCOUNT))
+    assert Path(args.slurm_partition_config) == profile / "partitions.yaml"
+    assert set(args.set_resources) == set(load_profile(WORKFLOW_PROFILE)["set-resources"])
+    assert args.set_resources["sample"]["cpus_per_gpu"].value >= 1
+    local = parse_args(["--profile", str(LOCAL_PROFILE)])[1]
+    assert local.rerun_incomplete and local.executor is None
+
+
+def test_partition_file_sends_gpu_jobs_to_a_gpu_partition(tmp_path):
+    """The plugin's partition choice from the installed partitions.yaml: a job that asks for
+    GPUs goes to the GPU partition, a CPU-only job to the CPU partition."""
+    from snakemake_executor_plugin_slurm.partitions import get_best_partition, read_partition_file
+
+    home = tmp_path / "config"
+    install_profile(home)
+    partitions = read_partition_file(configure_for_test_cluster(home) / "partitions.yaml")
+    log = logging.getLogger("test")
+
+    def job(**resources):
+        return SimpleNamespace(name="job", threads=1,
+                               resources={"mem_mb": 16000, "runtime": 60, **resources})
+
+    assert get_best_partition(partitions, job(), log) == PARTITION
+    assert get_best_partition(partitions, job(gpu=1, cpus_per_gpu=4), log) == "YOUR_GPU_PARTITION"
+    assert get_best_partition(partitions, job(gpu=2, cpus_per_gpu=4), log) == "YOUR_GPU_PARTITION"
+
+
+# --------------------------------------------------------------------------------------
+# The DAG on the test cluster.
+
+
+def run_bounded(cmd: list[str], cwd: Path, timeout: float,
+                env: dict[str, str]) -> subprocess.CompletedProcess:
     """Run snakemake; on timeout interrupt it (it then cancels its SLURM jobs), then kill."""
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -125,98 +282,6 @@ def rule_of(comment: str) -> str:
     return re.fullmatch(r"rule_(.+?)(?:_wildcards_.*)?", comment).group(1)
 
 
-def job_counts(output: str) -> Counter:
-    """The 'Job stats' table Snakemake prints: rule -> number of jobs."""
-    table = output.split("Job stats:", 1)[1].split("total", 1)[0]
-    return Counter({m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)})
-
-
-def table_equal(a_path: Path, b_path: Path) -> bool:
-    a = pq.read_table(a_path).replace_schema_metadata(None)
-    b = pq.read_table(b_path).replace_schema_metadata(None)
-    if "elapsed_s" in a.column_names:  # wall-clock column differs; nothing else may
-        a, b = a.drop(["elapsed_s"]), b.drop(["elapsed_s"])
-    return a.equals(b)
-
-
-# --------------------------------------------------------------------------------------
-# The profile itself (no cluster needed).
-
-
-def test_profile_resolves_from_the_repository_root(monkeypatch):
-    """`snakemake --profile profiles/slurm` (the README's form) finds the profile."""
-    from snakemake.cli import get_profile_dir
-
-    monkeypatch.chdir(ROOT)
-    for name in ("profiles/slurm", "profiles/local"):
-        found = get_profile_dir(name)
-        assert found is not None, name
-        assert found[1].resolve() == (ROOT / name / "config.yaml").resolve()
-
-
-def test_profile_parses_with_attempt_scaled_resources():
-    """Snakemake reads the profile (YAML merge keys included); memory and time grow with
-    the attempt."""
-    from snakemake.cli import get_argument_parser
-
-    args = get_argument_parser(profiles=[str(PROFILE)]).parse_args(["--profile", str(PROFILE)])
-    assert args.executor == "slurm"
-    assert args.retries >= 1 and args.rerun_incomplete
-    assert set(args.set_resources) == set(load_profile()["set-resources"])
-    sample, sft = args.set_resources["sample"], args.set_resources["sft"]
-    assert sample["gpu"].value == 1 and sample["cpus_per_gpu"].value >= 1
-    assert "gpu" not in sft and sft["cpus_per_gpu"].value >= 1  # from training.launch
-    assert {"slurm_partition", "slurm_account"} <= set(args.default_resources)
-    for rule, res in load_profile()["set-resources"].items():
-        for key in ("mem_mb", "runtime"):
-            first, second = (eval(str(res[key]), {"attempt": a}) for a in (1, 2))
-            assert second == 2 * first, (rule, key)
-    local = get_argument_parser(profiles=[str(LOCAL_PROFILE)]).parse_args(
-        ["--profile", str(LOCAL_PROFILE)])
-    assert local.rerun_incomplete and local.executor is None
-
-
-def test_profile_covers_every_rule_and_rules_hold_no_cluster_settings():
-    """Every rule has resources in the profile; exactly the rules that declare a GPU ask for
-    one there (partition from the &gpu block); the CPU-only rules ask for none; memory grows
-    with the attempt; partition and account appear in the profile only, never in rules."""
-    profile = load_profile()
-    blocks = rule_blocks()
-    rules = set(blocks) - {"all"}
-    gpu_rules = {name for name, body in blocks.items() if re.search(r"^\s+gpu\s*=", body, re.M)}
-    per_rule = profile["set-resources"]
-    assert set(per_rule) == rules, "rules without (or unknown rules with) profile resources"
-    # the training jobs' GPU count is the rules' own (training.launch.num_processes)
-    training = {"sft", "reward_model", "train"}
-    for rule in training:
-        assert rule in gpu_rules and "gpu" not in per_rule[rule], rule
-        assert re.search(r"^\s+gpu=TRAIN_GPUS,", blocks[rule], re.M), rule
-    assert {r for r, res in per_rule.items() if res.get("gpu", 0) >= 1} == gpu_rules - training
-    for rule, res in per_rule.items():
-        assert "attempt" in str(res["mem_mb"]) and "attempt" in str(res["runtime"]), rule
-        if rule in gpu_rules:
-            assert res["slurm_partition"] and res["cpus_per_gpu"] >= 1, rule
-        else:
-            assert not set(res) & {"gpu", "gpu_model", "gres", "cpus_per_gpu"}, rule
-    assert {"slurm_partition", "slurm_account"} <= set(profile["default-resources"])
-    for name, body in blocks.items():
-        assert not re.search(r"\b(slurm_\w+|partition|account|gpu_model|gres)\s*=", body), name
-
-
-def test_cluster_overrides():
-    overrides = cluster_overrides(load_profile())
-    start = overrides.index("--set-resources") + 1
-    end = next(i for i in range(start, len(overrides)) if overrides[i].startswith("--"))
-    set_resources = overrides[start:end]
-    assert "sample:gpu=0" in set_resources and "sft:mem_mb=16000 * attempt" in set_resources
-    assert "prompts:mem_mb=2000 * attempt" in set_resources
-    assert not [o for o in set_resources if o.split("=")[0].split(":")[1] in GPU_KEYS]
-
-
-# --------------------------------------------------------------------------------------
-# The DAG on the test cluster.
-
-
 def _cluster_was_up() -> bool:
     if not shutil.which("scontrol"):
         return False
@@ -254,46 +319,62 @@ def cluster():
                      f"start_cluster.sh exited {proc.returncode}: {proc.stderr[-2000:]}")
     yield
     if not was_up:  # leave a cluster that was already running as it was
-        subprocess.run(["bash", str(STOP)], capture_output=True, timeout=180, check=False)
+        # and remove the configs it wrote: with no controller behind them, every later
+        # `snakemake` would wait ~10 s (the SLURM plugin runs `scontrol show config` on import)
+        subprocess.run(["bash", str(STOP), "--remove-config"], capture_output=True, timeout=180,
+                       check=False)
 
 
 @pytest.fixture(scope="module")
-def runs(cluster, tmp_path_factory):
-    """The tiny DAG through SLURM with the profile, and a local run of the same config with
-    the local profile (started first, in the background: the SLURM run mostly waits)."""
-    local_dir = tmp_path_factory.mktemp("local")
+def config_home(cluster, tmp_path_factory) -> Path:
+    """XDG_CONFIG_HOME holding the `slurm` profile as setup.sh installs it, with the test
+    cluster's account and partition filled in."""
+    home = tmp_path_factory.mktemp("xdg-config")
+    install_profile(home)
+    configure_for_test_cluster(home)
+    return home
+
+
+def slurm_cmd(workdir: Path, *args: str, configfile: Path = TINY) -> list[str]:
+    """The README's command, plus status checks every 2 s instead of every 40 s (the tiny jobs
+    take seconds)."""
+    return snakemake_cmd(workdir, "--cores", "all", "--profile", "slurm",
+                         "--slurm-init-seconds-before-status-checks", "2", *args,
+                         configfile=configfile)
+
+
+@pytest.fixture(scope="module")
+def runs(config_home, tiny_dag, tmp_path_factory):
+    """The tiny DAG through SLURM, and the session's local run of the same config (started
+    first, in the background, unless test_dag.py already ran it: the SLURM run mostly waits)."""
     slurm_dir = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    local = subprocess.Popen(snakemake_cmd(local_dir, "--profile", str(LOCAL_PROFILE)),
-                             cwd=local_dir, env=env,
-                             text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             start_new_session=True)
-    try:
-        started = time.monotonic()
-        slurm = run_bounded(
-            snakemake_cmd(slurm_dir, "--profile", str(PROFILE), *cluster_overrides(load_profile())),
-            slurm_dir, RUN_TIMEOUT_S)
-        slurm_s = time.monotonic() - started
-        local_out, _ = local.communicate(timeout=RUN_TIMEOUT_S)
-    finally:
-        if local.poll() is None:
-            os.killpg(local.pid, signal.SIGKILL)
-            local.communicate()
+    tiny_dag.start()
+    started = time.monotonic()
+    slurm = run_bounded(slurm_cmd(slurm_dir), slurm_dir, RUN_TIMEOUT_S,
+                        snakemake_env(XDG_CONFIG_HOME=str(config_home)))
+    slurm_s = time.monotonic() - started
     assert slurm.returncode == 0, f"SLURM run failed:\n{slurm.stdout[-20000:]}"
-    assert local.returncode == 0, f"local run failed:\n{local_out[-20000:]}"
+    local_results = tiny_dag.wait()
     print(f"SLURM run: {slurm_s:.0f} s")
-    return {"slurm_dir": slurm_dir, "local_dir": local_dir, "output": slurm.stdout}
+    return {"slurm_dir": slurm_dir, "local_results": local_results, "output": slurm.stdout,
+            "env": snakemake_env(XDG_CONFIG_HOME=str(config_home))}
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.slurm
 def test_every_job_went_through_sbatch_with_the_profiles_resources(runs):
     out = runs["output"]
-    assert "Using profile" in out and str(PROFILE) in out
+    assert "Using profiles slurm and workflow specific profile" in out
     job_ids = re.findall(r"has been submitted with SLURM jobid (\d+)", out)
-    expected = job_counts(out)
-    expected.pop("all")  # the target rule runs nothing
-    assert len(job_ids) == sum(expected.values()), "every job (and only those) was submitted"
+    counts = job_counts(out)
+    counts.pop("all")  # the target rule runs nothing
+    local = local_rules()
+    assert local <= set(counts)
+    for rule in local:  # run by this process, not submitted
+        assert f"localrule {rule}:" in out, rule
+    expected = Counter({rule: n for rule, n in counts.items() if rule not in local})
+    assert len(job_ids) == sum(expected.values()), "every job but the local ones was submitted"
     rows = sacct(job_ids)
     assert len(rows) == len(job_ids), rows
     run_id = re.search(r"SLURM run ID: (\S+)", out).group(1)
@@ -301,21 +382,23 @@ def test_every_job_went_through_sbatch_with_the_profiles_resources(runs):
         assert row["State"] == "COMPLETED", row
         assert (row["JobName"], row["Partition"], row["Account"]) == (run_id, PARTITION, ACCOUNT)
     assert Counter(rule_of(r["Comment"]) for r in rows) == expected
-    # the profile's resources reached sbatch (first attempt): memory and wall time per rule
+    # the workflow profile's resources reached sbatch (first attempt): memory and wall time
     by_rule = {rule_of(r["Comment"]): r for r in rows}
-    profile = load_profile()["set-resources"]
-    for rule in ("sft", "train", "prompts", "summary"):
+    profile = load_profile(WORKFLOW_PROFILE)["set-resources"]
+    for rule in ("sft", "train", "sample", "score"):
         mem_mb = int(str(profile[rule]["mem_mb"]).replace("* attempt", ""))
         minutes = int(str(profile[rule]["runtime"]).replace("* attempt", ""))
         assert by_rule[rule]["ReqMem"] == f"{mem_mb}M", by_rule[rule]
         assert by_rule[rule]["Timelimit"] == f"{minutes // 60:02d}:{minutes % 60:02d}:00"
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.slurm
 def test_tables_equal_a_local_run(runs):
+    """The same config and seed give identical tables, through SLURM or locally."""
     slurm_results = runs["slurm_dir"] / "results"
-    local_results = runs["local_dir"] / "results"
+    local_results = runs["local_results"].parent
     tables = sorted(p.relative_to(local_results) for p in local_results.rglob("*.parquet"))
     assert len(tables) > 20
     assert tables == sorted(p.relative_to(slurm_results) for p in slurm_results.rglob("*.parquet"))
@@ -324,30 +407,32 @@ def test_tables_equal_a_local_run(runs):
     assert not differ, f"tables differ between the SLURM and the local run: {differ}"
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.slurm
 def test_a_job_killed_for_memory_is_retried_with_more(runs):
-    """`summary` gets 50 MB on its first attempt, so SLURM kills it (OverMemoryKill on the
-    test cluster); the profile's retries resubmit it with attempt-scaled memory."""
+    """`score` (test split) gets 50 MB on its first attempt, so SLURM kills it (OverMemoryKill
+    on the test cluster); the profile's retries resubmit it with attempt-scaled memory."""
     workdir = runs["slurm_dir"]
-    target = workdir / "results" / "tiny" / "summary.parquet"
+    target = workdir / "results" / "tiny" / "rewards" / "test.parquet"
     target.unlink()
-    overrides = cluster_overrides(load_profile())
-    overrides = [("summary:mem_mb=50 * 40 ** (attempt - 1)" if o.startswith("summary:mem_mb=")
-                  else o) for o in overrides]
-    proc = run_bounded(snakemake_cmd(workdir, "--profile", str(PROFILE), *overrides,
-                                     str(target.relative_to(workdir))), workdir, 600)
+    # the target first: --set-resources takes several values (and replaces the workflow
+    # profile's set-resources; only this job runs)
+    proc = run_bounded(slurm_cmd(workdir, str(target.relative_to(workdir)), "--set-resources",
+                                 "score:mem_mb=50 * 160 ** (attempt - 1)"),
+                       workdir, 600, runs["env"])
     assert proc.returncode == 0, proc.stdout[-20000:]
     job_ids = re.findall(r"has been submitted with SLURM jobid (\d+)", proc.stdout)
     rows = sacct(job_ids)
-    assert [rule_of(r["Comment"]) for r in rows] == ["summary", "summary"], rows
+    assert [rule_of(r["Comment"]) for r in rows] == ["score", "score"], rows
     first, second = rows
     assert first["State"] in ("OUT_OF_MEMORY", "FAILED", "CANCELLED"), first
-    assert (first["ReqMem"], second["ReqMem"]) == ("50M", "2000M")
+    assert (first["ReqMem"], second["ReqMem"]) == ("50M", "8000M")
     assert second["State"] == "COMPLETED"
-    assert table_equal(runs["local_dir"] / "results/tiny/summary.parquet", target)
+    assert table_equal(runs["local_results"] / "rewards/test.parquet", target)
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.slurm
 def test_a_train_job_runs_accelerate_launch_inside_its_slurm_job(runs, tmp_path):
@@ -356,7 +441,7 @@ def test_a_train_job_runs_accelerate_launch_inside_its_slurm_job(runs, tmp_path)
     one-process run's, since its batches are split over the ranks."""
     import polars as pl
 
-    from pipeline_lib.schemas import read_provenance
+    from pipeline_lib.io.tables import read_provenance
 
     workdir = runs["slurm_dir"]
     config = yaml.safe_load(TINY.read_text())
@@ -365,10 +450,8 @@ def test_a_train_job_runs_accelerate_launch_inside_its_slurm_job(runs, tmp_path)
     configfile = tmp_path / "tiny-ddp.yaml"
     configfile.write_text(yaml.safe_dump(config))
     target = "results/tiny/logs/train-dpo-n4-b0.1.parquet"
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
-           "--directory", str(workdir), target, "--configfile", str(configfile),
-           "--profile", str(PROFILE), *cluster_overrides(load_profile()), "--forcerun", "train"]
-    proc = run_bounded(cmd, workdir, 600)
+    proc = run_bounded(slurm_cmd(workdir, target, "--forcerun", "train", configfile=configfile),
+                       workdir, 600, runs["env"])
     assert proc.returncode == 0, proc.stdout[-20000:]
     job_ids = re.findall(r"has been submitted with SLURM jobid (\d+)", proc.stdout)
     rows = sacct(job_ids)
@@ -376,7 +459,7 @@ def test_a_train_job_runs_accelerate_launch_inside_its_slurm_job(runs, tmp_path)
     log_text = (workdir / "results/tiny/logs/train-dpo-n4-b0.1.log").read_text()
     assert "launching 2 process(es)" in log_text
     assert read_provenance(workdir / target)["processes"] == 2
-    one = pl.read_parquet(runs["local_dir"] / target)
+    one = pl.read_parquet(runs["local_results"].parent.parent / target)
     two = pl.read_parquet(workdir / target)
     for col in ("loss", "reward_margin", "accuracy"):
         assert two[col].to_list() == pytest.approx(one[col].to_list(), rel=1e-4, abs=1e-5), col

@@ -2,6 +2,10 @@
 # Stop the test cluster that tests/slurm/start_cluster.sh started (by pid file, nothing else).
 #   sudo bash tests/slurm/stop_cluster.sh           # stop daemons, keep state (fast restart)
 #   sudo bash tests/slurm/stop_cluster.sh --purge   # also remove state and /etc/slurm configs
+#   sudo bash tests/slurm/stop_cluster.sh --remove-config   # keep state, remove the configs
+# Removing the configs matters on a machine that keeps SLURM's tools installed: a slurm.conf
+# naming a controller that is not running makes `scontrol` wait ~10 s, and the Snakemake SLURM
+# executor plugin runs `scontrol show config` when it is imported, i.e. in every `snakemake`.
 # munged is stopped only when start_cluster.sh started it.
 set -uo pipefail
 STATE="${BON_SLURM_STATE:-/var/lib/bon-slurm-test}"
@@ -38,10 +42,12 @@ if [ -d "$STATE" ]; then
   fi
 fi
 
-if [ "${1:-}" = "--purge" ]; then
+if [ "${1:-}" = "--purge" ] || [ "${1:-}" = "--remove-config" ]; then
   for f in /etc/slurm/slurm.conf /etc/slurm/slurmdbd.conf; do
     if [ -f "$f" ] && grep -q "$MARKER" "$f"; then rm -f "$f"; fi
   done
+fi
+if [ "${1:-}" = "--purge" ]; then
   case "$STATE" in
     /var/lib/bon-slurm-test|/tmp/*) rm -rf "$STATE" ;;
     *) echo "stop_cluster: not removing custom state dir $STATE" ;;

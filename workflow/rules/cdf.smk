@@ -10,8 +10,5 @@ rule cdf:
         cfg=section("cdf"),
     log:
         f"{R}/logs/cdf-{{split}}.log",
-    resources:
-        mem_mb=4000,
-        runtime=10,
     script:
         "../scripts/cdf.py"

@@ -1,5 +1,7 @@
 rule prompts:
     """Corpus -> group-wise train/test split -> 2-8 word prompts (train, test, pref)."""
+    input:
+        unpack(corpus_file),
     output:
         train=f"{R}/data/prompts-train.parquet",
         test=f"{R}/data/prompts-test.parquet",
@@ -10,8 +12,5 @@ rule prompts:
         cfg=section("seed", "corpus", "prompts"),
     log:
         f"{R}/logs/prompts.log",
-    resources:
-        mem_mb=2000,
-        runtime=10,
     script:
         "../scripts/prompts.py"

@@ -6,12 +6,9 @@ rule bon_curve:
     output:
         f"{R}/eval/bon.parquet",
     params:
-        cfg=section("cdf", "evaluation"),
+        cfg={**only("cdf", "normalize"), **only("evaluation", "bon_ns", "uwo_lambdas")},
     log:
         f"{R}/logs/bon_curve.log",
-    resources:
-        mem_mb=4000,
-        runtime=10,
     script:
         "../scripts/bon_curve.py"
 
@@ -20,6 +17,7 @@ rule evaluate:
     """K samples per test prompt from one policy (or the SFT reference itself): gold, proxy,
     KL to the reference (k1 with standard error, k3) and win rates."""
     input:
+        unpack(gold_model_files),
         policy=policy_dir,
         reference=f"{R}/models/sft",
         prompts=f"{R}/data/prompts-test.parquet",
@@ -30,15 +28,17 @@ rule evaluate:
         samples=f"{R}/eval/policy-{{evalpolicy}}.parquet",
         summary=f"{R}/eval/summary-{{evalpolicy}}.parquet",
     params:
-        cfg=section("seed", "device", "generation", "gold", "cdf", "evaluation"),
+        # evaluation.bon_ns is the BoN-curve grid (bon_curve), not read here
+        cfg={**section("seed", "generation", "gold", "scoring"), **only("cdf", *PROXY),
+             **without("evaluation", "bon_ns")},
         names=[f"rm-seed{s}" for s in RM_SEEDS],
     log:
         f"{R}/logs/evaluate-{{evalpolicy}}.log",
+    benchmark:
+        f"{R}/benchmarks/evaluate-{{evalpolicy}}.tsv"
     threads: THREADS
     resources:
         gpu=GPUS,
-        mem_mb=8000,
-        runtime=60,
     script:
         "../scripts/evaluate.py"
 
@@ -62,8 +62,5 @@ rule summary:
                          caption="../report/win_rates.rst"),
     log:
         f"{R}/logs/summary.log",
-    resources:
-        mem_mb=2000,
-        runtime=10,
     script:
         "../scripts/summary.py"

@@ -4,9 +4,6 @@ rule prs_base_model:
         directory("results/base-models/smollm2"),
     log:
         "results/base-models/smollm2.log",
-    resources:
-        mem_mb=4000,
-        runtime=20,
     script:
         "../scripts/prs_base_model.py"
 
@@ -18,12 +15,9 @@ rule prs_instructions:
     output:
         f"{R}/data/prs-instructions.parquet",
     params:
-        cfg=section("seed", "prs", "prs_compare"),
+        cfg={**section("seed", "prs_compare"), **only("prs", "preference")},
     log:
         f"{R}/logs/prs_instructions.log",
-    resources:
-        mem_mb=2000,
-        runtime=10,
     script:
         "../scripts/prs_instructions.py"
 
@@ -38,14 +32,14 @@ rule prs_compare:
         figure=report(f"{R}/figures/prs_compare.png", category="PRS",
                       caption="../report/prs_compare.rst"),
     params:
-        cfg=section("seed", "device", "gold", "cdf", "prs", "prs_compare"),
+        cfg=prs_compare_settings,
         names=[f"rm-seed{s}" for s in RM_SEEDS],
     log:
         f"{R}/logs/prs_compare.log",
+    benchmark:
+        f"{R}/benchmarks/prs_compare.tsv"
     threads: THREADS
     resources:
         gpu=GPUS,
-        mem_mb=8000,
-        runtime=120,
     script:
         "../scripts/prs_compare.py"

@@ -1,19 +1,20 @@
 rule preferences:
     """Pairs of SFT samples on the pref prompts, labelled by the gold scorer (+ label noise)."""
     input:
+        unpack(gold_model_files),
         policy=f"{R}/models/sft",
         prompts=f"{R}/data/prompts-pref.parquet",
     output:
         f"{R}/data/preferences.parquet",
     params:
-        cfg=section("seed", "device", "generation", "gold", "preferences"),
+        cfg=section("seed", "generation", "gold", "preferences"),
     log:
         f"{R}/logs/preferences.log",
+    benchmark:
+        f"{R}/benchmarks/preferences.tsv"
     threads: THREADS
     resources:
         gpu=GPUS,
-        mem_mb=8000,
-        runtime=60,
     script:
         "../scripts/preferences.py"
 
@@ -27,14 +28,14 @@ rule reward_model:
         model=directory(f"{R}/models/rm-seed{{seed}}"),
         log_table=f"{R}/logs/rm-seed{{seed}}.parquet",
     params:
-        cfg=section("seed", "device", "reward_models"),
+        cfg=section("seed", "reward_models"),
         checkpoint_dir=lambda wc: f"{R}/checkpoints/rm-seed{wc.seed}",
     log:
         f"{R}/logs/rm-seed{{seed}}.log",
+    benchmark:
+        f"{R}/benchmarks/rm-seed{{seed}}.tsv"
     threads: THREADS
     resources:
         gpu=TRAIN_GPUS,
-        mem_mb=8000,
-        runtime=120,
     script:
         "../scripts/reward_model.py"

@@ -7,15 +7,15 @@ rule sample:
     output:
         temp(f"{R}/samples/{{split}}/shard-{{shard}}.parquet"),
     params:
-        cfg=section("seed", "device", "generation", "sampling", "prs"),
+        cfg=sample_settings,
         names=[f"rm-seed{s}" for s in RM_SEEDS],
     log:
         f"{R}/logs/sample-{{split}}-{{shard}}.log",
+    benchmark:
+        f"{R}/benchmarks/sample-{{split}}-{{shard}}.tsv"
     threads: THREADS
     resources:
         gpu=GPUS,
-        mem_mb=8000,
-        runtime=120,
     script:
         "../scripts/sample.py"
 
@@ -29,9 +29,6 @@ rule gather_samples:
         f"{R}/samples/{{split}}.parquet",
     log:
         f"{R}/logs/gather-{{split}}.log",
-    resources:
-        mem_mb=4000,
-        runtime=10,
     script:
         "../scripts/gather_samples.py"
 
@@ -39,19 +36,20 @@ rule gather_samples:
 rule score:
     """The reward cache: gold and every proxy reward model on every cached sample."""
     input:
+        unpack(gold_model_files),
         samples=f"{R}/samples/{{split}}.parquet",
         reward_models=expand(f"{R}/models/rm-seed{{seed}}", seed=RM_SEEDS),
     output:
         f"{R}/rewards/{{split}}.parquet",
     params:
-        cfg=section("device", "gold", "scoring"),
+        cfg=section("gold", "scoring"),
         names=[f"rm-seed{s}" for s in RM_SEEDS],
     log:
         f"{R}/logs/score-{{split}}.log",
+    benchmark:
+        f"{R}/benchmarks/score-{{split}}.tsv"
     threads: THREADS
     resources:
         gpu=GPUS,
-        mem_mb=8000,
-        runtime=60,
     script:
         "../scripts/score.py"

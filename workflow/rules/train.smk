@@ -6,12 +6,9 @@ rule pairs:
     output:
         f"{R}/data/bon{{n}}-pairs.parquet",
     params:
-        cfg=section("cdf"),
+        cfg=only("cdf", *PROXY),
     log:
         f"{R}/logs/pairs-bon{{n}}.log",
-    resources:
-        mem_mb=4000,
-        runtime=10,
     script:
         "../scripts/pairs.py"
 
@@ -25,14 +22,14 @@ rule train:
         model=directory(f"{R}/policies/{{policy}}"),
         log_table=f"{R}/logs/train-{{policy}}.parquet",
     params:
-        cfg=lambda wc: {"run": RUNS[wc.policy], **section("seed", "device", "training", "cdf", "generation")},
+        cfg=train_settings,
         checkpoint_dir=lambda wc: f"{R}/checkpoints/{wc.policy}",
     log:
         f"{R}/logs/train-{{policy}}.log",
+    benchmark:
+        f"{R}/benchmarks/train-{{policy}}.tsv"
     threads: THREADS
     resources:
         gpu=TRAIN_GPUS,
-        mem_mb=lambda wc, attempt: 8000 * attempt,
-        runtime=240,
     script:
         "../scripts/train.py"
