@@ -1,6 +1,6 @@
 """Snakemake script for rule `evaluate` (one policy)."""
-from pipeline_lib.stages.evaluate import run_evaluate
 from pipeline_lib.io.logs import job_logging
+from pipeline_lib.stages.evaluate import run_evaluate
 
 inp = snakemake.input
 name = snakemake.wildcards.evalpolicy

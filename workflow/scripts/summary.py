@@ -1,6 +1,6 @@
 """Snakemake script for rule `summary`."""
-from pipeline_lib.stages.summary import run_summary
 from pipeline_lib.io.logs import job_logging
+from pipeline_lib.stages.summary import run_summary
 
 out = snakemake.output
 with job_logging(snakemake.log[0], snakemake.rule):
