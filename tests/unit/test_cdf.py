@@ -87,3 +87,19 @@ def test_curvefit_recovers_smooth_cdf_and_falls_back():
     np.testing.assert_allclose(fit.log_cdf(r), np.log(empirical_cdf(r, r)), atol=0.15)
     constant = fit_log_cdf(np.ones(10))
     assert not constant.ok and np.isnan(constant.a)
+
+
+def test_row_counts_match_one_pool_per_query():
+    """One counting helper: with a (B, M) matrix each query is counted against its own row,
+    exactly as the 1-D form counts it against that row alone (ties included)."""
+    from pipeline_lib.math.cdf import count_at_or_below, count_below
+
+    rng = np.random.default_rng(3)
+    rows = np.sort(rng.integers(0, 5, size=(40, 7)).astype(float), axis=1)  # many ties
+    queries = rng.integers(-1, 6, size=40).astype(float)
+    below, at_or_below = count_below(rows, queries), count_at_or_below(rows, queries)
+    for i in range(40):
+        assert below[i] == count_below(rows[i], queries[i : i + 1])[0] == (rows[i] < queries[i]).sum()
+        assert at_or_below[i] == count_at_or_below(rows[i], queries[i : i + 1])[0]
+    with pytest.raises(ValueError, match="must match"):
+        count_below(rows, queries[:3])
