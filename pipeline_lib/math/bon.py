@@ -248,12 +248,21 @@ def bon_curve(
     scores[:p] = sorted_proxy
     scores[p:] = block_mean(sorted_proxy, sorted_gold)
 
-    lg = _log_gamma_table(m)
     perm = np.argsort(n_arr, kind="stable")
-    n_sorted = n_arr[perm]
+    means = _weighted_sums(scores, n_arr[perm], tail_tol).reshape(2, p, -1).mean(axis=1)
+    result = np.empty_like(means)
+    result[:, perm] = means
+    return result[0], result[1]
+
+
+def _weighted_sums(scores: FloatArray, n_sorted: NDArray[np.int64], tail_tol: float) -> FloatArray:
+    """``scores`` (rows ascending by proxy rank) times the BoN weights of each ``n`` (sorted
+    ascending): ``(rows, len(n_sorted))``, computed in column blocks that skip negligible ranks."""
+    m = scores.shape[1]
+    lg = _log_gamma_table(m)
     first = _first_columns(lg, m, n_sorted, tail_tol)  # non-decreasing in n
     neg_width = first - m  # -(columns needed), non-decreasing
-    out = np.empty((2 * p, n_sorted.size), dtype=np.float64)
+    out = np.empty((scores.shape[0], n_sorted.size), dtype=np.float64)
     a = 0
     while a < n_sorted.size:
         start = int(first[a])
@@ -265,11 +274,7 @@ def bon_curve(
         w = _weight_block(lg, m, n_sorted[a:b], start)
         out[:, a:b] = scores[:, start:] @ w.T
         a = b
-
-    means = out.reshape(2, p, -1).mean(axis=1)
-    result = np.empty_like(means)
-    result[:, perm] = means
-    return result[0], result[1]
+    return out
 
 
 def bon_kl(n: float | ArrayLike) -> float | FloatArray:
