@@ -111,6 +111,9 @@ def _check_entry(raw: Mapping[str, Any], where: str, trainer_keys: Mapping[str, 
         raise ConfigError(f"config key {where}.beta must be > 0, got {raw['beta']}")
     if raw.get("bound", "exact") not in ("exact", "l1"):
         raise ConfigError(f"config key {where}.bound must be 'exact' or 'l1'")
+    if m in ("vbon", "bond") and (raw.get("overrides") or {}).get("adaptive_kl"):
+        raise ConfigError(f"config key {where}.overrides.adaptive_kl: method {m!r} keeps its KL "
+                          "coefficient at 1/(n-1); only ppo runs may adapt it")
     allowed = trainer_keys["ppo" if m in PPO_METHODS else "preference"]
     unknown = sorted(set(raw.get("overrides") or {}) - set(allowed))
     if unknown:

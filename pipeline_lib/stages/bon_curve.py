@@ -14,7 +14,12 @@ from pipeline_lib.math.bon import bon_curve, bon_kl, bon_kl_ties_batch
 from pipeline_lib.math.winrate import win_rate_vs_bon
 from pipeline_lib.settings.sections import Settings
 from pipeline_lib.stages.common import PathLike, provenance
-from pipeline_lib.stages.reward_cache import cache_matrices, normaliser_stats, objective_matrices
+from pipeline_lib.stages.reward_cache import (
+    cache_matrices,
+    normaliser_stats,
+    objective_matrices,
+    uwo_curve_lambdas,
+)
 
 log = logging.getLogger("pipeline")
 
@@ -28,7 +33,8 @@ def run_bon_curve(config: Settings | Mapping[str, Any], rewards_path: PathLike,
     p, m = gold.shape
     ns = sorted({n for n in s.evaluation.bon_ns if n <= m})
     frames = []
-    for obj, score in objective_matrices(members, names, s.evaluation.uwo_lambdas,
+    lambdas = uwo_curve_lambdas(s.cdf, s.evaluation.uwo_lambdas)
+    for obj, score in objective_matrices(members, names, lambdas,
                                          normaliser_stats(s.cdf, train_rewards)).items():
         proxy_curve, gold_curve = bon_curve(score, gold, ns)
         frames.append(pl.DataFrame({

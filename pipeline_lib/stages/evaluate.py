@@ -27,6 +27,7 @@ from pipeline_lib.stages.reward_cache import (
     load_proxy,
     normaliser_stats,
     objective_matrices,
+    uwo_curve_lambdas,
 )
 
 log = logging.getLogger("pipeline")
@@ -58,7 +59,7 @@ def run_evaluate(
     ref_rewards = read_polars(test_rewards, "rewards")
     ref_ids, ref_gold, names, members = cache_matrices(ref_rewards, str(test_rewards))
     stats = normaliser_stats(s.cdf, train_rewards)
-    lambdas = s.evaluation.uwo_lambdas
+    lambdas = uwo_curve_lambdas(s.cdf, s.evaluation.uwo_lambdas)
     ref_proxy = objective_matrices(members, names, lambdas, stats)[
         configured_objective_name(s.cdf, lambdas)]
     if ref_ids != sorted(prompts["prompt_id"].to_list()):

@@ -111,23 +111,38 @@ def normaliser_stats(cfg: CDFSettings, train_rewards: PathLike | None):
 def objective_matrices(
     members: np.ndarray, names: Sequence[str], uwo_lambdas: Sequence[float], stats=None
 ) -> dict[str, np.ndarray]:
-    """Every selection score of the BoN curves: each member alone, mean, WCO and UWO (per λ)."""
+    """Every selection score of the BoN curves: each member alone, mean, WCO and UWO (one per
+    λ of ``uwo_lambdas``, named by :func:`uwo_curve_name`)."""
     k, p, m = members.shape
     flat = members.reshape(k, p * m)
     combined = zscore_members(flat, *stats) if stats is not None else flat
     out = {name: members[i] for i, name in enumerate(names)}
     out["mean"] = ensemble(combined, "mean").reshape(p, m)
     out["wco"] = ensemble(combined, "wco").reshape(p, m)
-    lambdas = uwo_lambdas
-    for lam in lambdas:
-        key = "uwo" if len(lambdas) == 1 else f"uwo-l{lam:g}"
-        out[key] = ensemble(combined, "uwo", uwo_lambda=lam).reshape(p, m)
+    for lam in uwo_lambdas:
+        out[uwo_curve_name(lam, uwo_lambdas)] = ensemble(combined, "uwo",
+                                                          uwo_lambda=lam).reshape(p, m)
     return out
 
 
+def uwo_curve_lambdas(cfg: CDFSettings, uwo_lambdas: Sequence[float]) -> list[float]:
+    """The UWO λ of the BoN curves: ``evaluation.uwo_lambdas`` and, when the methods train with
+    the UWO objective, ``cdf.uwo_lambda`` too (appended when missing), so the curve of the
+    trained ensemble is always there."""
+    lambdas = list(dict.fromkeys(float(x) for x in uwo_lambdas))
+    if cfg.objective == "uwo" and float(cfg.uwo_lambda) not in lambdas:
+        lambdas.append(float(cfg.uwo_lambda))
+    return lambdas
+
+
+def uwo_curve_name(lam: float, lambdas: Sequence[float]) -> str:
+    """``uwo`` when the curves have one λ, else ``uwo-l<λ>``."""
+    return "uwo" if len(lambdas) == 1 else f"uwo-l{lam:g}"
+
+
 def configured_objective_name(cfg: CDFSettings, uwo_lambdas: Sequence[float]) -> str:
-    """The BoN-curve objective that matches the ensemble the methods were trained with."""
-    obj = cfg.objective
-    if obj == "uwo" and len(uwo_lambdas) > 1:
-        return f"uwo-l{cfg.uwo_lambda:g}"
-    return obj
+    """The BoN-curve objective that matches the ensemble the methods were trained with (its
+    UWO curve uses ``cdf.uwo_lambda``, see :func:`uwo_curve_lambdas`)."""
+    if cfg.objective == "uwo":
+        return uwo_curve_name(cfg.uwo_lambda, uwo_curve_lambdas(cfg, uwo_lambdas))
+    return cfg.objective

@@ -158,10 +158,17 @@ class PPOInputs:
 
 def ppo_config(s: Settings, run: MethodRun) -> PPOConfig:
     """The PPO trainer's config of a ppo / vbon / bond run: ``training.ppo`` with the run's
-    overrides, its KL coefficient and BOND weight, and the sampling settings of ``generation``."""
+    overrides, its KL coefficient and BOND weight, and the sampling settings of ``generation``.
+    Each method keeps its coefficient rule: only ppo may adapt beta (``adaptive_kl``)."""
     g = s.generation
+    settings = {**as_dict(s.training.ppo), **run.overrides}
+    if run.method != "ppo" and settings["adaptive_kl"]:
+        # vbon and bond keep beta = 1/(n-1): an adaptive coefficient in training.ppo is PPO's
+        log.info("%s: training.ppo.adaptive_kl applies to ppo runs only; beta stays 1/(n-1)",
+                 run.name)
+        settings["adaptive_kl"] = False
     return PPOConfig.from_mapping({
-        **as_dict(s.training.ppo), **run.overrides,
+        **settings,
         "kl_coef": kl_coefficient(run),
         "sft_weight": (1.0 - float(run.w)) if run.method == "bond" else 0.0,
         "temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k,
