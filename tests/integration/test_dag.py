@@ -184,6 +184,48 @@ def test_every_method_trains_and_its_loss_moves(run):
     assert ppo["reward"].is_not_null().all() and ppo["entropy"].is_not_null().all()
 
 
+def _matrix(frame: pl.DataFrame, value: str, columns: str) -> np.ndarray:
+    """(prompts, samples) matrix of ``value``, prompts sorted by id, samples by ``columns``."""
+    return (frame.sort("prompt_id", columns).group_by("prompt_id", maintain_order=True)
+            .agg(pl.col(value)).sort("prompt_id")[value].to_list())
+
+
+@slow
+def test_summary_values_of_every_policy_recomputed_from_its_samples(run):
+    """gold, proxy, KL (k1 and its SE), k3 and both win rates of each policy, recomputed by
+    hand from eval/policy-*.parquet and the test reward cache (brute force: every pair of a
+    policy sample and a reference sample; the reference's best of all M = 8 by the trained
+    ensemble: UWO, lambda 0.5, members z-normalised on the train cache; ties averaged)."""
+    summary = read_polars(run / "summary.parquet", "eval_summary")
+    test = read_polars(run / "rewards/test.parquet", "rewards")
+    train = read_polars(run / "rewards/train.parquet", "rewards")
+    ref_gold = np.array(_matrix(test.filter(pl.col("kind") == "gold"), "reward", "sample_idx"))
+    members = []
+    for name in ("rm-seed1", "rm-seed2"):
+        ref = train.filter(pl.col("scorer") == name)["reward"].to_numpy()
+        x = np.array(_matrix(test.filter(pl.col("scorer") == name), "reward", "sample_idx"))
+        members.append((x - ref.mean()) / ref.std())
+    z = np.stack(members)
+    ref_proxy = z.mean(axis=0) - 0.5 * z.var(axis=0)
+    best = ref_proxy == ref_proxy.max(axis=1, keepdims=True)  # the best of all 8 (ties)
+    for name in ["sft", *RUNS]:
+        s = read_polars(run / f"eval/policy-{name}.parquet", "eval_samples")
+        row = summary.filter(pl.col("policy") == name).row(0, named=True)
+        gold, diff = s["gold"].to_numpy(), (s["logp_policy"] - s["logp_ref"]).to_numpy()
+        assert row["gold"] == pytest.approx(gold.mean(), abs=1e-12)
+        assert row["gold_se"] == pytest.approx(gold.std(ddof=1) / np.sqrt(gold.size), abs=1e-12)
+        assert row["proxy"] == pytest.approx(s["proxy"].mean(), abs=1e-12)
+        assert row["kl"] == pytest.approx(diff.mean(), abs=1e-12)
+        assert row["kl_se"] == pytest.approx(diff.std(ddof=1) / np.sqrt(diff.size), abs=1e-12)
+        assert row["kl_k3"] == pytest.approx(s["k3_sum"].sum() / s["n_tokens"].sum(), abs=1e-12)
+        pol = np.array(_matrix(s, "gold", "sample_idx"))  # (P, K)
+        vs = (pol[:, :, None] > ref_gold[:, None, :]) + 0.5 * (pol[:, :, None] == ref_gold[:, None, :])
+        assert row["win_rate_ref"] == pytest.approx(vs.mean(), abs=1e-12)
+        vs_best = (vs * best[:, None, :]).sum(axis=2) / best.sum(axis=1)[:, None]
+        assert row["win_rate_bon"] == pytest.approx(vs_best.mean(), abs=1e-12)
+        assert row["win_rate_n"] == 8
+
+
 @slow
 def test_pairs_are_best_and_worst_of_first_n(run):
     pairs = read_polars(run / "data/bon4-pairs.parquet", "pairs")
