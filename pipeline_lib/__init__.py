@@ -1,8 +1,9 @@
-"""Library behind the Best-of-N alignment pipeline.
+"""Library behind the Best-of-N alignment pipeline, in layers (each imports only from the ones
+below it; docs/ARCHITECTURE.md):
 
-Pure mathematics (CDFs, ensembles, losses, estimators) lives in small, I/O-free modules;
-stages in :mod:`pipeline_lib.stages` wire files to those functions and are what the
-Snakemake scripts call.
+``math`` (pure formulas) < ``settings`` (the config, parsed once) < ``io`` (tables, files) <
+``models`` (loading, encoding, scorers) < ``generation`` (sampling backends, PRS) < ``train``
+(trainers) < ``stages`` (one module per Snakemake rule; the workflow scripts call these).
 """
 
 __version__ = "0.1.0"

@@ -3,7 +3,6 @@ success, so an interrupted job never leaves an output that looks complete."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -14,7 +13,7 @@ from pathlib import Path
 PathLike = str | os.PathLike  # a path argument: str or os.PathLike
 
 
-@contextlib.contextmanager
+@contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only if the block
     succeeds, so no reader ever sees a partial file (and a failure leaves nothing behind)."""

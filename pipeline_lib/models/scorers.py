@@ -132,10 +132,11 @@ class EnsembleProxy:
             list(scorers), objective, uwo_lambda, stats)
 
     def member_rewards(self, texts: Sequence[str]) -> np.ndarray:
+        """(k, N): each member's reward of each text."""
         return np.stack([s.score(texts) for s in self.scorers])
 
     def score(self, texts: Sequence[str]) -> np.ndarray:
-
+        """(N,): the ensemble proxy reward of each text."""
         members = self.member_rewards(texts)
         if self.stats is not None:
             members = zscore_members(members, *self.stats)

@@ -71,21 +71,11 @@ from pipeline_lib.train.runtime import empty_model, make_accelerator, warmup_sch
 log = logging.getLogger(__name__)
 
 
-
-
 # Settings that must not change when a run resumes from a checkpoint (the others -- epochs,
 # max_steps, checkpoint_every, log_every, device, mixed_precision -- may).
 _RESUME_INVARIANT = ("method", "beta", "n", "alpha", "label_smoothing", "bonbon_variant",
                      "beta_override", "batch_size", "lr", "weight_decay", "warmup_steps",
                      "max_grad_norm", "disable_dropout")
-
-
-
-
-
-
-
-
 
 
 def train_preference(

@@ -1,4 +1,4 @@
-"""Unit tests for pipeline_lib.evaluation: brute-force enumeration, closed forms, hand cases."""
+"""Unit tests for pipeline_lib.math.bon, .winrate and .kl: brute-force enumeration, closed forms, hand cases."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Unit tests for pipeline_lib.losses: hand-computed values and closed forms."""
+"""Unit tests for pipeline_lib.math.losses: hand-computed values and closed forms."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Unit tests for pipeline_lib.objectives: vBoN rewards (closed forms, brute-force BoN, a tabular
+"""Unit tests for pipeline_lib.math.vbon and .ppo_math: vBoN rewards (closed forms, brute-force BoN, a tabular
 optimisation) and the PPO pieces (hand-computed GAE / clipping / rewards / KL controller)."""
 
 from __future__ import annotations

@@ -42,8 +42,6 @@ from pipeline_lib.train.ppo.run import PPORun, final_policy, save_ppo_checkpoint
 log = logging.getLogger(__name__)
 
 
-
-
 def train_ppo(
     policy,
     tokenizer,
@@ -111,16 +109,6 @@ def _check_inputs(prompts, tokenizer, cfg: PPOConfig, sft_examples) -> tuple[int
     if pad_id is None:
         raise ValueError("the tokenizer needs a pad or eos token")
     return pad_id, tokenizer.eos_token_id
-
-
-
-
-
-
-
-
-
-
 
 
 @dataclass
@@ -284,9 +272,5 @@ def _rollout_kl(run: PPORun, r: Rollout) -> tuple[float, float, float, float, fl
     local = [kl_tok.sum(), k3_tok.sum(), mask.sum(), r.ent_sum, float(r.scores.sum())]
     kl_total, k3_total, n_tok, ent_total, score_total = reduce_sums(run.acc, local)
     return kl_total / b_size, k3_total / n_tok, n_tok, ent_total, score_total / b_size
-
-
-
-
 
 
