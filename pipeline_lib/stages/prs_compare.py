@@ -24,11 +24,8 @@ from pipeline_lib.stages.reward_cache import load_proxy
 log = logging.getLogger("pipeline")
 
 
-def comparison_scorer(config: Settings | Mapping[str, Any], device, reward_models=None,
-                      train_rewards=None):
+def comparison_scorer(s: Settings, device, reward_models=None, train_rewards=None):
     """score(instructions, responses) for the comparison."""
-    s = Settings.from_config(config)
-
     kind = s.prs_compare.scorer
     if kind == "proxy":
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,10 +14,10 @@ from pipeline_lib.generation.sampling import (
 )
 from pipeline_lib.io.atomic import PathLike
 from pipeline_lib.io.tables import read_polars, write_table
-from pipeline_lib.models.scorers import EnsembleProxy, reward_model_scorer
 from pipeline_lib.settings.sections import Settings
 from pipeline_lib.stages.common import StageError, provenance, setup_job
 from pipeline_lib.stages.generate import generate_table, make_backend, prs_cache_table
+from pipeline_lib.stages.reward_cache import load_proxy
 
 
 def shard_group_starts(n_prompts: int, m: int, batch_size: int, shards: int,
@@ -60,13 +61,10 @@ def run_sample_shard(
 def _prs_shard(s: Settings, backend, prompts, starts, m, split, reward_models, device):
     """PRS trees for the shard's prompt groups, guided by the (un-normalised) proxy ensemble;
     each group is seeded on its own, so the table does not depend on the shard count."""
-
     if not reward_models:
         raise StageError("sampling.strategy 'prs' needs the proxy reward models")
-    bs = s.scoring.batch_size
-    proxy = EnsembleProxy([reward_model_scorer(p, n, device, batch_size=bs)
-                           for n, p in sorted(reward_models.items())],
-                          s.cdf.objective, s.cdf.uwo_lambda)
+    proxy = load_proxy(dataclasses.replace(s.cdf, normalize=False), s.scoring.batch_size,
+                       reward_models, None, device)
 
     def score(prompts_, responses):
         return proxy.score([p + r for p, r in zip(prompts_, responses, strict=True)])
