@@ -50,6 +50,9 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return parse_section(hint, value, key)
     if origin is tuple and value is not None:
+        inner = typing.get_args(hint)[0] if typing.get_args(hint) else None
+        if inner is not None and dataclasses.is_dataclass(inner):
+            return tuple(parse_section(inner, v, f"{key}[{i}]") for i, v in enumerate(value))
         return tuple(value)
     return value
 
@@ -61,13 +64,37 @@ def as_dict(section: Any) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class CorpusSettings:
-    """``corpus``: the text source the prompts are cut from, its columns and filter."""
+class ModelRef:
+    """A model named in the config: a hub id or a local directory, with its revision and
+    whether its own code may run. ``key`` is the config key that names it (for errors)."""
 
+    name: str
+    revision: str | None = None
+    trust_remote_code: bool = False
+    key: str = "model"
+
+
+@dataclass(frozen=True)
+class CorpusSettings:
+    """``corpus``: where prompts and SFT data come from (the built-in corpus, a local file or
+    a ``datasets.load_dataset`` source), in which format, with which columns."""
+
+    format: str
     source: str
     path: str | None
+    dataset: str | None
+    dataset_config: str | None
+    data_files: Any
+    revision: str | None
+    split: str
+    test_split: str | None
     text_column: str
     group_column: str | None
+    prompt_column: str
+    target_column: str | None
+    template: str | None
+    chosen_column: str
+    messages_column: str
     filter: Mapping[str, Any] | None
     min_words: int
 
@@ -85,18 +112,29 @@ class PromptSettings:
 
 @dataclass(frozen=True)
 class PolicySettings:
+    """``policy``: the base model ('scratch' or a named causal LM) and the scratch GPT-2's shape."""
+
     base: str
+    revision: str | None
+    trust_remote_code: bool
+    chat_template: str | bool
     vocab_size: int
     n_layer: int
     n_embd: int
     n_head: int
     n_positions: int
 
+    @property
+    def ref(self) -> ModelRef:
+        """``policy.base`` as a model reference (not for 'scratch')."""
+        return ModelRef(self.base, self.revision, self.trust_remote_code, "policy.base")
+
 
 @dataclass(frozen=True)
 class SFTSettings:
-    """``sft``: training of the reference policy."""
+    """``sft``: training of the reference policy (``enabled`` false: policy.base is π_ref)."""
 
+    enabled: bool
     epochs: int
     max_steps: int | None
     batch_size: int
@@ -167,6 +205,8 @@ class PRSSettings:
 class PRSCompareSettings:
     enabled: bool
     model: str
+    revision: str | None
+    trust_remote_code: bool
     instructions: str
     n_prompts: int
     ns: tuple[int, ...]
@@ -180,13 +220,62 @@ class PRSCompareSettings:
 
 
 @dataclass(frozen=True)
-class GoldSettings:
-    """``gold``: the gold scorer (VADER or a local classifier), its label and output."""
+class ScorerSettings:
+    """How a sequence classifier scores (prompt, response): the model, how it reads the pair
+    (``input``: concat, template, pair or chat; ``template``), which score it gives (``label``,
+    ``output``: auto, logit or probability) and how many tokens it reads (``max_length``)."""
 
-    type: str
-    path: str | None
+    name: str
+    model: str
+    revision: str | None
+    trust_remote_code: bool
     label: str | int | None
     output: str
+    input: str
+    template: str | None
+    max_length: int
+    key: str = "model"
+
+    @property
+    def ref(self) -> ModelRef:
+        return ModelRef(self.model, self.revision, self.trust_remote_code, self.key)
+
+
+@dataclass(frozen=True)
+class GoldSettings:
+    """``gold``: the gold scorer (VADER, or a classifier by hub id or local directory)."""
+
+    type: str
+    model: str | None
+    revision: str | None
+    trust_remote_code: bool
+    label: str | int | None
+    output: str
+    input: str
+    template: str | None
+    max_length: int
+
+    @property
+    def scorer(self) -> ScorerSettings:
+        """The classifier of ``type: hf`` as scorer settings (member name ``gold``)."""
+        return ScorerSettings("gold", self.model or "", self.revision, self.trust_remote_code,
+                              self.label, self.output, self.input, self.template,
+                              self.max_length, "gold.model")
+
+
+@dataclass(frozen=True)
+class PretrainedRewardModel:
+    """One entry of ``reward_models.pretrained``: a ready reward model, member ``rm-<name>``."""
+
+    name: str
+    model: str
+    revision: str | None
+    trust_remote_code: bool
+    label: str | int | None
+    output: str
+    input: str
+    template: str | None
+    max_length: int
 
 
 @dataclass(frozen=True)
@@ -197,9 +286,16 @@ class PreferenceDataSettings:
 
 @dataclass(frozen=True)
 class RewardModelSettings:
-    """``reward_models``: the seeds of the proxy ensemble and their Bradley-Terry training."""
+    """``reward_models``: the proxy ensemble: seeds trained (Bradley-Terry) from ``base``, and
+    ready ``pretrained`` reward models."""
 
     seeds: tuple[int, ...]
+    base: str
+    revision: str | None
+    trust_remote_code: bool
+    input: str
+    template: str | None
+    pretrained: tuple[PretrainedRewardModel, ...]
     epochs: int
     batch_size: int
     lr: float
@@ -211,6 +307,30 @@ class RewardModelSettings:
     log_every: int
     checkpoint_every: int
     mixed_precision: str
+
+    @property
+    def base_ref(self) -> ModelRef | None:
+        """The model the trained seeds start from; None for the SFT policy (``base: sft``)."""
+        if self.base == "sft":
+            return None
+        return ModelRef(self.base, self.revision, self.trust_remote_code, "reward_models.base")
+
+    def member_names(self) -> list[str]:
+        """Every ensemble member: rm-seed<s> for the trained seeds, then rm-<name>."""
+        return ([f"rm-seed{s}" for s in self.seeds]
+                + [f"rm-{p.name}" for p in self.pretrained])
+
+    def pretrained_scorers(self) -> list[ScorerSettings]:
+        """The pretrained members as scorer settings (named rm-<name>)."""
+        return [ScorerSettings(f"rm-{p.name}", p.model, p.revision, p.trust_remote_code, p.label,
+                               p.output, p.input, p.template, p.max_length,
+                               f"reward_models.pretrained[{i}].model")
+                for i, p in enumerate(self.pretrained)]
+
+    def seed_scorer(self, seed: int, path: str) -> ScorerSettings:
+        """A trained seed (saved at ``path``) as scorer settings: one logit, read as trained."""
+        return ScorerSettings(f"rm-seed{seed}", str(path), None, False, 0, "logit", self.input,
+                              self.template, self.max_length, f"reward model rm-seed{seed}")
 
 
 @dataclass(frozen=True)
