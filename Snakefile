@@ -21,6 +21,18 @@ except ConfigError as exc:
     raise WorkflowError(f"invalid configuration: {exc}") from None
 
 
+# A real run resolves every model the config names (hub id or local directory, through the
+# Hugging Face cache) and checks how it is used before its first job starts; a dry run (-n)
+# plans without any model file (Snakemake runs onstart neither in dry runs nor in its jobs).
+onstart:
+    from pipeline_lib.stages.preflight import check_models
+
+    try:
+        check_models(SETTINGS)
+    except ConfigError as exc:
+        raise WorkflowError(f"model preflight failed:\n{exc}") from None
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/sft.smk"
@@ -42,6 +54,7 @@ localrules:
     bon_curve,
     summary,
     prs_instructions,
+    chatterbot_dataset,
 
 
 rule all:

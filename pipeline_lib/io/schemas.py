@@ -22,9 +22,12 @@ def _f(name: str, typ: pa.DataType, nullable: bool = False, doc: str = "") -> pa
 SCHEMAS: dict[str, pa.Schema] = {
     "corpus": pa.schema(
         [
-            _f("text_id", pa.string(), doc="stable id of the source text"),
+            _f("text_id", pa.string(), doc="stable id of the source row"),
             _f("group", pa.string(), doc="split group (movie name by default)"),
-            _f("text", pa.string(), doc="the full source text"),
+            _f("text", pa.string(),
+               doc="format text_prefix: the full source text; else the SFT target ('' if none)"),
+            _f("prompt", pa.string(), nullable=True,
+               doc="the prompt SFT conditions on (loss on text only); null: SFT on the whole text"),
         ]
     ),
     "prompts": pa.schema(
@@ -32,7 +35,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             _f("prompt_id", pa.string(), doc="unique id, '<split>-<index>'"),
             _f("split", pa.string(), doc="train, test or pref"),
             _f("prompt", pa.string(), doc="the prompt text (a 2-8 word prefix by default)"),
-            _f("text_id", pa.string(), doc="source text the prefix was cut from"),
+            _f("text_id", pa.string(), doc="source row (the text a prefix was cut from)"),
             _f("group", pa.string(), doc="split group of the source text"),
             _f("n_words", pa.int32(), doc="words in the prompt"),
             _f("preference", pa.string(), nullable=True, doc="per-prompt preference z (PRS)"),

@@ -44,10 +44,15 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     is used when training (BOS + text + EOS), sampling and scoring log-probabilities. With one:
     the rendered template (which places its own special tokens), tokenised without adding more.
     """
-    if uses_chat_template(tokenizer):
-        return tokenizer(render_prompt(tokenizer, text), add_special_tokens=False)["input_ids"]
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None:
+    chat = uses_chat_template(tokenizer)
+    return encode_rendered(tokenizer, render_prompt(tokenizer, text) if chat else text, chat)
+
+
+def encode_rendered(tokenizer, text: str, chat: bool) -> list[int]:
+    """Token ids of a prompt already rendered: a chat-template rendering as it is (it holds
+    its special tokens), plain text after BOS."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if not chat and tokenizer.bos_token_id is not None:
         ids = [tokenizer.bos_token_id, *ids]
     return ids
 
@@ -69,3 +74,11 @@ def eos_token_ids(tokenizer, model=None) -> list[int]:
     if gen is not None:
         add(gen.eos_token_id)
     return ids
+
+
+def decode_responses(tokenizer, responses: Iterable[Iterable[int]],
+                     eos_ids: Iterable[int]) -> list[str]:
+    """Response texts: the ids without EOS ids and special tokens, decoded."""
+    stop = set(eos_ids)
+    return tokenizer.batch_decode([[t for t in r if t not in stop] for r in responses],
+                                  skip_special_tokens=True)

@@ -1,5 +1,10 @@
 """Loading and saving Hugging Face models and tokenizers; the scratch GPT-2 policy and its BPE
-tokenizer of the default task."""
+tokenizer of the default task.
+
+The loaders take a :class:`ModelRef` (a model named in the config: hub id or local directory,
+revision, trust_remote_code, config key) or a plain path / hub id, resolve it through
+:mod:`pipeline_lib.models.hub` (the Hugging Face cache, offline-safe) and load the resolved
+directory with ``local_files_only=True``."""
 
 from __future__ import annotations
 
@@ -7,6 +12,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+
+from pipeline_lib.models.hub import ResolvedModel, as_model_ref, resolve_model
+from pipeline_lib.settings.sections import ModelRef
 
 BOS = "<|endoftext|>"
 
@@ -53,47 +61,50 @@ def build_scratch_policy(tokenizer, *, n_positions: int, n_embd: int, n_layer: i
     return GPT2LMHeadModel(config)
 
 
-def _check_model_dir(path: str | Path, key: str) -> Path:
-    path = Path(path)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(
-            f"{path} (config key {key}) is not a Hugging Face model directory: no config.json"
-        )
-    return path
+ModelSource = ModelRef | str | Path
 
 
-def load_tokenizer(path: str | Path, key: str = "policy.base"):
-    """The tokenizer of a local model directory, with a pad token (``key``: the config key named in errors)."""
+def resolve_source(source: ModelSource, key: str) -> ResolvedModel:
+    """Where a loader reads ``source`` from (:func:`pipeline_lib.models.hub.resolve_model`): a
+    :class:`ModelRef` (its own key, revision and trust_remote_code), or a local directory or
+    hub id (default revision, no remote code) named by the config key ``key``."""
+    return resolve_model(as_model_ref(source, key))
+
+
+def load_tokenizer(source: ModelSource, key: str = "policy.base"):
+    """The tokenizer of a model (:func:`resolve_source`), with a pad token: tokenizers without
+    one (GPT-2, Pythia, Llama) pad with their EOS token."""
     from transformers import AutoTokenizer
 
-    path = _check_model_dir(path, key)
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    m = resolve_source(source, key)
+    tok = AutoTokenizer.from_pretrained(m.path, local_files_only=True,
+                                        trust_remote_code=m.ref.trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def load_causal_lm(path: str | Path, device: torch.device | str = "cpu", key: str = "policy.base"):
-    """Load a local causal LM (safetensors preferred, no remote code) in eval mode."""
+def load_causal_lm(source: ModelSource, device: torch.device | str = "cpu",
+                   key: str = "policy.base"):
+    """A causal LM (:func:`resolve_source`; safetensors preferred, remote code only when its
+    ref allows it) in eval mode on ``device``."""
     from transformers import AutoModelForCausalLM
 
-    path = _check_model_dir(path, key)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, local_files_only=True, trust_remote_code=False
-    )
+    m = resolve_source(source, key)
+    model = AutoModelForCausalLM.from_pretrained(m.path, local_files_only=True,
+                                                 trust_remote_code=m.ref.trust_remote_code)
     return model.to(device).eval()
 
 
-def load_sequence_classifier(
-    path: str | Path, device: torch.device | str = "cpu", key: str = "gold.path", **kwargs
-):
-    """A sequence-classification model from a local directory (``key``: the config key named in errors)."""
+def load_sequence_classifier(source: ModelSource, device: torch.device | str = "cpu",
+                             key: str = "gold.model", **kwargs):
+    """A sequence-classification model (:func:`resolve_source`) in eval mode on ``device``;
+    ``kwargs`` go to ``from_pretrained`` (e.g. ``num_labels``)."""
     from transformers import AutoModelForSequenceClassification
 
-    path = _check_model_dir(path, key)
+    m = resolve_source(source, key)
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, local_files_only=True, trust_remote_code=False, **kwargs
-    )
+        m.path, local_files_only=True, trust_remote_code=m.ref.trust_remote_code, **kwargs)
     return model.to(device).eval()
 
 

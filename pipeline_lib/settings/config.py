@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
+import string
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,16 +29,7 @@ def check_config(config: Mapping[str, Any]) -> Settings:
             f"({s.prompts.min_words})"
         )
     base = s.policy.base
-    if base != "scratch" and not (Path(base) / "config.json").exists():
-        raise ConfigError(
-            f"config key policy.base: {base!r} is neither 'scratch' nor a local Hugging Face "
-            "model directory (no config.json found)"
-        )
-    if s.gold.type == "hf" and (not s.gold.path or not (Path(s.gold.path) / "config.json").exists()):
-        raise ConfigError(
-            f"config key gold.path: {s.gold.path!r} must be a local Hugging Face "
-            "sequence-classification directory when gold.type is 'hf'"
-        )
+    _check_models(s)
     if s.corpus.path is not None and not Path(s.corpus.path).exists():
         raise ConfigError(f"config key corpus.path: file {s.corpus.path!r} does not exist")
     if s.sampling.shards > s.prompts.n_train:
@@ -53,6 +46,92 @@ def check_config(config: Mapping[str, Any]) -> Settings:
             f"({s.policy.n_head})"
         )
     return s
+
+
+# huggingface_hub's repo id rules (huggingface_hub.utils.validate_repo_id), restated here so
+# that planning a run imports no hub client: "name" or "org/name" of ASCII letters, digits,
+# "-", "_" and ".", at most 96 characters each, no "--" or "..", not ending in ".git".
+_REPO_ID = re.compile(r"(\b[\w\-.]{1,96}\b/)?\b[\w\-.]{1,96}\b", re.ASCII)
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` is a syntactically valid Hugging Face model repo id (no file access)."""
+    return (isinstance(name, str) and name.count("/") <= 1 and _REPO_ID.fullmatch(name) is not None
+            and "--" not in name and ".." not in name and not name.endswith(".git"))
+
+
+def _check_model_name(name: str, key: str, special: tuple[str, ...] = ()) -> None:
+    """A model is named by an existing local model directory or a hub id (checked for syntax
+    only: planning needs no model file; the run's preflight resolves it)."""
+    if name in special:
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"config key {key}: directory {name!r} is not a Hugging Face model "
+                              "directory (no config.json)")
+        return
+    if not is_hub_id(name):
+        options = "".join(f"{o!r}, " for o in special)
+        raise ConfigError(f"config key {key}: {name!r} is neither {options}an existing local "
+                          "model directory nor a Hugging Face hub id (name or org/name)")
+
+
+def _check_scorer_input(key: str, input_: str, template: str | None) -> None:
+    """``<key>.input`` 'template' needs ``<key>.template`` with {response} (and {prompt}) and
+    no other slot; a template is set only with input 'template'."""
+    if input_ != "template":
+        if template is not None:
+            raise ConfigError(f"config key {key}.template is set but {key}.input is {input_!r} "
+                              "(a template is read only with input 'template')")
+        return
+    if not template:
+        raise ConfigError(f"config key {key}.template is required with {key}.input 'template' "
+                          "(e.g. 'Human: {prompt}\\n\\nAssistant: {response}')")
+    try:
+        slots = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as exc:
+        raise ConfigError(f"config key {key}.template: {exc}") from None
+    unknown = sorted(slots - {"prompt", "response"})
+    if unknown:
+        raise ConfigError(f"config key {key}.template names slot {{{unknown[0]}}}; a scorer "
+                          "template has only {prompt} and {response}")
+    if "response" not in slots:
+        raise ConfigError(f"config key {key}.template must contain {{response}}")
+
+
+def _check_models(s: Settings) -> None:
+    """Every model the config names, and how each scorer reads (prompt, response)."""
+    _check_model_name(s.policy.base, "policy.base", ("scratch",))
+    if not s.sft.enabled and s.policy.base == "scratch":
+        raise ConfigError("config key sft.enabled is false but policy.base is 'scratch': a "
+                          "policy trained from scratch needs SFT (or name a ready model in "
+                          "policy.base)")
+    g = s.gold
+    if g.type == "hf":
+        if not g.model:
+            raise ConfigError("config key gold.model is required when gold.type is 'hf' (a "
+                              "sequence classifier by hub id or local directory)")
+        _check_model_name(g.model, "gold.model")
+        _check_scorer_input("gold", g.input, g.template)
+    rm = s.reward_models
+    _check_model_name(rm.base, "reward_models.base", ("sft",))
+    _check_scorer_input("reward_models", rm.input, rm.template)
+    if not rm.seeds and not rm.pretrained:
+        raise ConfigError("config key reward_models: the proxy ensemble has no member; set "
+                          "reward_models.seeds and/or reward_models.pretrained")
+    names = [f"seed{x}" for x in rm.seeds]
+    for i, p in enumerate(rm.pretrained):
+        key = f"reward_models.pretrained[{i}]"
+        if p.name in names:
+            raise ConfigError(f"config key {key}.name: member rm-{p.name} is already in the "
+                              "ensemble (names must be unique and not seed<N>)")
+        names.append(p.name)
+        _check_model_name(p.model, f"{key}.model")
+        _check_scorer_input(key, p.input, p.template)
+    c = s.prs_compare
+    if c.enabled:
+        _check_model_name(c.model, "prs_compare.model", ("sft", "smollm2"))
 
 
 def _check_vllm(temperature: float) -> None:

@@ -101,6 +101,8 @@ class CorpusSettings:
 
 @dataclass(frozen=True)
 class PromptSettings:
+    """``prompts``: how many prompts per split, and the prefix lengths of ``text_prefix``."""
+
     n_train: int
     n_test: int
     n_pref: int

@@ -15,6 +15,7 @@ from pipeline_lib.io.atomic import PathLike
 from pipeline_lib.io.guard import checkpoint_guard
 from pipeline_lib.math.seeding import derive_seed
 from pipeline_lib.models.device import pick_device, seed_everything
+from pipeline_lib.models.hub import loaded_models
 from pipeline_lib.settings.config import config_hash
 from pipeline_lib.settings.sections import Settings
 from pipeline_lib.train.launch import run_launched
@@ -28,13 +29,17 @@ class StageError(RuntimeError):
 
 
 def provenance(s: Settings, stage: str, **extra: Any) -> dict[str, Any]:
-    """The metadata every table carries: stage, config hash, seed, task, version and ``extra``."""
+    """The metadata every table carries: stage, config hash, seed, task, version, ``models``
+    (each model this process loaded: config key -> name, revision and snapshot, the hub commit
+    hash or a local directory's fingerprint; only when any was loaded) and ``extra``."""
+    models = loaded_models()
     return {
         "stage": stage,
         "config_hash": config_hash(s.source),
         "seed": s.seed,
         "task": s.task,
         "pipeline_version": __version__,
+        **({"models": models} if models else {}),
         **{k: str(v) if isinstance(v, Path) else v for k, v in extra.items()},
     }
 

@@ -20,7 +20,7 @@ from pipeline_lib.models.scorers import gold_scorer
 from pipeline_lib.settings.methods import MethodRun, kl_coefficient
 from pipeline_lib.settings.sections import Settings
 from pipeline_lib.stages.common import PathLike, StageError, provenance, setup_job
-from pipeline_lib.stages.generate import generate_table, make_backend
+from pipeline_lib.stages.generate import generate_table, make_backend, policy_source
 from pipeline_lib.stages.reward_cache import (
     cache_matrices,
     configured_objective_name,
@@ -89,7 +89,7 @@ def policy_samples(s: Settings, name: str, policy_dir: PathLike, reference_dir: 
     """The ``eval_samples`` rows of one policy: K samples per prompt (the same seed for every
     policy), their gold and proxy rewards, sequence log-probs under the policy and the
     reference, and the summed per-token k3."""
-    backend = make_backend(s.generation, s.seed, policy_dir, device)
+    backend = make_backend(s, policy_dir, device)
     table = generate_table(backend, prompts, None, s.evaluation.samples_per_prompt,
                            s.generation, s.seed, "eval")
     tok = backend.tokenizer
@@ -97,15 +97,15 @@ def policy_samples(s: Settings, name: str, policy_dir: PathLike, reference_dir: 
     responses = table["response_token_ids"].to_list()
     pol_tok = sequence_logprobs(backend.model, prompt_ids, responses, tok.pad_token_id, device,
                                 per_token=True)
-    ref_model = load_causal_lm(reference_dir, device, "policy")
+    ref_model = load_causal_lm(policy_source(s, reference_dir), device, "policy")
     ref_tok = sequence_logprobs(ref_model, prompt_ids, responses, tok.pad_token_id, device,
                                 per_token=True)
     # k3 per token on the policy's own samples, summed over each response
     k3 = np.array([float(np.sum(kl_k3(p, r))) for p, r in zip(pol_tok, ref_tok, strict=True)])
-    texts = [p + r for p, r in zip(table["prompt"], table["response"], strict=True)]
-    gold = gold_scorer(s.gold, device).score(texts)
-    proxy = load_proxy(s.cdf, s.scoring.batch_size, reward_models, train_rewards,
-                       device).score(texts)
+    pairs = table["prompt"].to_list(), table["response"].to_list()
+    gold = gold_scorer(s.gold, device).score(*pairs)
+    proxy = load_proxy(s.cdf, s.reward_models, s.scoring.batch_size, reward_models,
+                       train_rewards, device).score(*pairs)
     return table.select("prompt_id", "sample_idx", "response", "n_tokens").with_columns(
         pl.lit(name).alias("policy"), pl.Series("gold", gold), pl.Series("proxy", proxy),
         pl.Series("logp_policy", np.array([a.sum() for a in pol_tok])),

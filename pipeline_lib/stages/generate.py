@@ -19,12 +19,17 @@ from pipeline_lib.generation.sampling import (
 from pipeline_lib.generation.vllm import VLLMBackend
 from pipeline_lib.io.atomic import PathLike
 from pipeline_lib.math.seeding import derive_seed
-from pipeline_lib.models.encoding import encode_prompt
+from pipeline_lib.models.encoding import (
+    apply_chat_setting,
+    decode_responses,
+    encode_prompt,
+    eos_token_ids,
+)
 from pipeline_lib.models.loading import (
     load_causal_lm,
     load_tokenizer,
 )
-from pipeline_lib.settings.sections import GenerationSettings, PRSSettings, Settings
+from pipeline_lib.settings.sections import GenerationSettings, ModelRef, PRSSettings, Settings
 from pipeline_lib.stages.common import StageError
 
 log = logging.getLogger("pipeline")
@@ -36,17 +41,47 @@ def sampling_params(g: GenerationSettings) -> SamplingParams:
                           max_new_tokens=g.max_new_tokens)
 
 
-def make_backend(g: GenerationSettings, seed: int, policy_dir: PathLike, device):
-    """The generation backend ``g.backend`` names, serving the policy in ``policy_dir``."""
-    backend = g.backend
-    tokenizer = load_tokenizer(policy_dir, "policy")
-    model = load_causal_lm(policy_dir, device, "policy")
+PolicySource = PathLike | ModelRef
+
+
+def policy_source(s: Settings, policy_dir: PathLike | None) -> PolicySource:
+    """Where a policy is loaded from: the directory a rule hands over (the SFT model or a
+    trained policy), or π_ref by name (``policy.base``) when ``sft.enabled`` is false."""
+    if policy_dir is not None:
+        return policy_dir
+    if s.sft.enabled or s.policy.base == "scratch":
+        raise StageError("no policy directory was given and sft.enabled is true: the rule must "
+                         "pass the SFT model")
+    return s.policy.ref
+
+
+def load_policy_tokenizer(s: Settings, source: PolicySource):
+    """A policy's tokenizer with ``policy.chat_template`` applied (so every stage encodes
+    prompts alike: :func:`pipeline_lib.models.encoding.encode_prompt`)."""
+    return apply_chat_setting(load_tokenizer(source, "policy"), s.policy.chat_template)
+
+
+def load_policy(s: Settings, source: PolicySource, device) -> tuple:
+    """(tokenizer, causal LM in eval mode) of a policy (see :func:`policy_source`)."""
+    return load_policy_tokenizer(s, source), load_causal_lm(source, device, "policy")
+
+
+def make_backend(s: Settings, policy_dir: PathLike | None, device, g: GenerationSettings | None = None):
+    """The generation backend ``generation.backend`` names, serving the policy in
+    ``policy_dir`` (π_ref by name when it is None and SFT is off); ``g`` overrides the
+    generation section."""
+    g = s.generation if g is None else g
+    backend, seed = g.backend, s.seed
+    source = policy_source(s, policy_dir)
+    tokenizer, model = load_policy(s, source, device)
     if backend == "hf":
         return HFBackend(model, tokenizer, device)
     if backend == "vllm":
+        from pipeline_lib.models.hub import resolve_model
 
         v = g.vllm
-        return VLLMBackend(policy_dir, tokenizer, model, device,
+        path = resolve_model(source).path if isinstance(source, ModelRef) else source
+        return VLLMBackend(path, tokenizer, model, device,
                            tensor_parallel_size=v.tensor_parallel_size,
                            gpu_memory_utilization=v.gpu_memory_utilization, dtype=v.dtype,
                            seed=seed)
@@ -77,17 +112,14 @@ def generate_table(
     flat = [(i, j, r) for i in order for j, r in enumerate(sampled[i])]
     ref = sequence_logprobs(backend.model, [prompt_ids[i] for i, _, _ in flat],
                             [r.token_ids for _, _, r in flat], tok.pad_token_id, backend.device)
-    eos = tok.eos_token_id
     ids = prompts["prompt_id"].to_list()
     return pl.DataFrame(
         {
             "prompt_id": [ids[i] for i, _, _ in flat],
             "sample_idx": [j for _, j, _ in flat],
             "prompt": [prompt_texts[i] for i, _, _ in flat],
-            "response": tok.batch_decode(
-                [[t for t in r.token_ids if t != eos] for _, _, r in flat],
-                skip_special_tokens=True,
-            ),
+            "response": decode_responses(tok, [r.token_ids for _, _, r in flat],
+                                         eos_token_ids(tok, backend.model)),
             "response_token_ids": [r.token_ids for _, _, r in flat],
             "n_tokens": [len(r.token_ids) for _, _, r in flat],
             "finished": [r.finished for _, _, r in flat],

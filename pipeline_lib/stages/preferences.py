@@ -29,11 +29,11 @@ def run_preferences(
     device = setup_job(s, threads, "preferences")
     prompts = read_polars(prompts_path, "prompts")
     k = s.preferences.samples_per_prompt
-    backend = make_backend(s.generation, s.seed, policy_dir, device)
+    backend = make_backend(s, policy_dir, device)
     samples = generate_table(backend, prompts, None, k, s.generation, s.seed, "pref")
     gold = gold_scorer(s.gold, device)
-    texts = [p + r for p, r in zip(samples["prompt"], samples["response"], strict=True)]
-    samples = samples.with_columns(pl.Series("gold", gold.score(texts)))
+    samples = samples.with_columns(pl.Series(
+        "gold", gold.score(samples["prompt"].to_list(), samples["response"].to_list())))
     rng = np.random.default_rng(derive_seed(s.seed, "preference-pairs"))
     rows = []
     for (pid,), grp in samples.group_by(["prompt_id"], maintain_order=True):

@@ -1,4 +1,4 @@
-"""Stage ``prompts``: corpus -> group-wise train/test split -> prompts."""
+"""Stage ``prompts``: corpus or dataset rows -> train/test split -> prompts and SFT rows."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from pipeline_lib.io.atomic import PathLike
-from pipeline_lib.io.corpus import load_corpus, make_prompts, split_by_group
+from pipeline_lib.io.corpus import (
+    CorpusError,
+    check_sft_targets,
+    load_task_data,
+    prompt_tables,
+    sft_target_problem,
+)
 from pipeline_lib.io.tables import write_table
 from pipeline_lib.settings.sections import Settings
 from pipeline_lib.stages.common import provenance
@@ -18,23 +24,19 @@ log = logging.getLogger("pipeline")
 def run_prompts(
     config: Settings | Mapping[str, Any], prompts_out: Mapping[str, PathLike], corpus_out: Mapping[str, PathLike]
 ) -> None:
-    """Load the corpus, split it by group, cut prompts for the train / test / pref splits."""
+    """Read the ``corpus`` rows, split them train/test, draw the train / test / pref prompts and
+    write the corpus tables SFT trains on."""
     s = Settings.from_config(config)
-    corpus, source = load_corpus(s.corpus)
-    train, test = split_by_group(corpus, s.prompts.test_fraction, s.seed)
-    log.info("corpus %s: %d texts, %d train / %d test (split by group)", source,
-             corpus.height, train.height, test.height)
-    pc, seed = s.prompts, s.seed
-    kw = dict(min_words=pc.min_words, max_words=pc.max_words, seed=seed,
-              preference=pc.preference)
-    tables = {
-        "train": make_prompts(train, pc.n_train, "train", **kw),
-        "test": make_prompts(test, pc.n_test, "test", **kw),
-    }
-    tables["pref"] = make_prompts(train, pc.n_pref, "pref",
-                                  exclude_text_ids=tables["train"]["text_id"].to_list(), **kw)
-    prov = provenance(s, "prompts", corpus=source)
+    if s.sft.enabled and (problem := sft_target_problem(s.corpus)):
+        raise CorpusError(problem)
+    data = load_task_data(s.corpus, s.prompts.test_fraction, s.seed)
+    log.info("corpus %s: %d train / %d test rows (split by %s), format %s", data.source,
+             data.train.height, data.test.height, data.split_by, s.corpus.format)
+    if s.sft.enabled:
+        check_sft_targets(s.corpus, data.train, data.source)
+    tables = prompt_tables(data, s.corpus.format, s.prompts, s.seed)
+    prov = provenance(s, "prompts", corpus=data.source)
     for split, path in prompts_out.items():
         write_table(tables[split], path, "prompts", prov)
-    for split, frame in (("train", train), ("test", test)):
+    for split, frame in (("train", data.train), ("test", data.test)):
         write_table(frame, corpus_out[split], "corpus", prov)

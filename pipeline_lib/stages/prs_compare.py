@@ -15,7 +15,7 @@ from pipeline_lib.generation.sampling import SamplingParams
 from pipeline_lib.io.tables import read_polars, write_table
 from pipeline_lib.math.seeding import derive_seed
 from pipeline_lib.models.scorers import gold_scorer
-from pipeline_lib.settings.sections import Settings
+from pipeline_lib.settings.sections import ModelRef, Settings
 from pipeline_lib.stages.common import PathLike, provenance, setup_job
 from pipeline_lib.stages.figures import plot_prs_compare
 from pipeline_lib.stages.generate import make_backend, prs_config
@@ -25,18 +25,17 @@ log = logging.getLogger("pipeline")
 
 
 def comparison_scorer(s: Settings, device, reward_models=None, train_rewards=None):
-    """score(instructions, responses) for the comparison."""
+    """score(instructions, responses) for the comparison: the proxy ensemble or the gold
+    scorer on (prompt, response), or (``gold_response``) the gold scorer on the response alone
+    (an empty prompt)."""
     kind = s.prs_compare.scorer
     if kind == "proxy":
-
-        proxy = load_proxy(s.cdf, s.scoring.batch_size, reward_models, train_rewards, device)
-        return lambda prompts, responses: proxy.score(
-            [p + r for p, r in zip(prompts, responses, strict=True)])
+        return load_proxy(s.cdf, s.reward_models, s.scoring.batch_size, reward_models or {},
+                          train_rewards, device).score
     gold = gold_scorer(s.gold, device)
     if kind == "gold_response":
-        return lambda prompts, responses: gold.score(list(responses))
-    return lambda prompts, responses: gold.score(
-        [p + r for p, r in zip(prompts, responses, strict=True)])
+        return lambda prompts, responses: gold.score([""] * len(responses), list(responses))
+    return gold.score
 
 
 def _rows(strategy: str, n: int, prompt_ids, results) -> list[dict]:
@@ -91,7 +90,11 @@ def run_prs_compare(
     device = setup_job(s, threads, "prs-compare")
     c = s.prs_compare
     prompts = read_polars(instructions, "prompts")
-    backend = make_backend(s.generation, s.seed, model_dir, device)
+    c = s.prs_compare
+    if model_dir is None:  # a model by hub id, or pi_ref by name when SFT is off
+        model_dir = s.policy.ref if c.model == "sft" else ModelRef(
+            c.model, c.revision, c.trust_remote_code, "prs_compare.model")
+    backend = make_backend(s, model_dir, device)
     params = SamplingParams(c.temperature, c.top_p, c.top_k, c.max_new_tokens)
     score = comparison_scorer(s, device, reward_models, train_rewards)
     rows: list[dict] = []

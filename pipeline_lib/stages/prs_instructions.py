@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from pipeline_lib.io.atomic import atomic_file
 from pipeline_lib.io.corpus import read_text_table
 from pipeline_lib.io.tables import read_polars, write_table
 from pipeline_lib.math.seeding import derive_seed
@@ -16,8 +17,8 @@ from pipeline_lib.settings.sections import Settings
 from pipeline_lib.stages.common import PathLike, StageError, provenance
 
 
-def chatterbot_instructions() -> list[str]:
-    """Opening lines of the English conversations shipped in chatterbot-corpus."""
+def chatterbot_conversations() -> list[tuple[str, list[str]]]:
+    """(category, lines) of every English conversation shipped in chatterbot-corpus."""
     import importlib.metadata as md
 
     import yaml
@@ -25,18 +26,40 @@ def chatterbot_instructions() -> list[str]:
     try:
         dist = md.distribution("chatterbot-corpus")
     except md.PackageNotFoundError as exc:
-        raise StageError("prs_compare.instructions 'chatterbot' needs the chatterbot-corpus "
-                         "wheel: pip install --no-deps chatterbot-corpus") from exc
+        raise StageError("the chatterbot conversations need the chatterbot-corpus wheel: "
+                         "pip install --no-deps chatterbot-corpus") from exc
     files = sorted(str(f) for f in dist.files or []
                    if str(f).startswith("chatterbot_corpus/data/english/")
                    and str(f).endswith(".yml"))
-    out: list[str] = []
+    out = []
     for rel in files:
         data = yaml.safe_load(Path(str(dist.locate_file(rel))).read_text(encoding="utf-8"))
         for conv in (data or {}).get("conversations", []) or []:
-            if conv and isinstance(conv[0], str) and len(conv[0].split()) >= 3:
-                out.append(conv[0].strip())
+            if conv and all(isinstance(line, str) for line in conv):
+                out.append((Path(rel).stem, [line.strip() for line in conv]))
+    return out
+
+
+def chatterbot_instructions() -> list[str]:
+    """Opening lines (of 3 words or more) of the English chatterbot-corpus conversations."""
+    out = [lines[0] for _, lines in chatterbot_conversations() if len(lines[0].split()) >= 3]
     return list(dict.fromkeys(out))  # dedupe, keep order
+
+
+def run_chatterbot_dataset(out: PathLike) -> None:
+    """The chatterbot-corpus conversations as a JSONL dataset in the ``messages`` format (one
+    row per opener with its reply: ``messages`` [user, assistant], ``category`` the topic
+    file), for ``corpus.format: messages`` (config/chat.yaml)."""
+    rows, seen = [], set()
+    for category, lines in chatterbot_conversations():
+        if len(lines) < 2 or len(lines[0].split()) < 3 or lines[0] in seen:
+            continue
+        seen.add(lines[0])
+        rows.append({"category": category,
+                     "messages": [{"role": "user", "content": lines[0]},
+                                  {"role": "assistant", "content": lines[1]}]})
+    with atomic_file(out) as tmp:
+        pl.DataFrame(rows).write_ndjson(tmp)
 
 
 def run_prs_instructions(config: Settings | Mapping[str, Any], out: PathLike,

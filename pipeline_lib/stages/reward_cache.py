@@ -11,8 +11,8 @@ import polars as pl
 from pipeline_lib.io.atomic import PathLike
 from pipeline_lib.io.tables import read_polars
 from pipeline_lib.math.ensembles import ensemble, member_stats, zscore_members
-from pipeline_lib.models.scorers import EnsembleProxy, reward_model_scorer
-from pipeline_lib.settings.sections import CDFSettings
+from pipeline_lib.models.scorers import EnsembleProxy, member_settings, reward_model_scorer
+from pipeline_lib.settings.sections import CDFSettings, RewardModelSettings
 from pipeline_lib.stages.common import StageError
 
 
@@ -73,13 +73,25 @@ def ensemble_rewards(
     return keys.with_columns(pl.Series("proxy", proxy))
 
 
-def load_proxy(cfg: CDFSettings, batch_size: int, reward_models: Mapping[str, PathLike],
-               train_rewards: PathLike | None, device) -> EnsembleProxy:
+def load_proxy(cfg: CDFSettings, members: RewardModelSettings, batch_size: int,
+               reward_models: Mapping[str, PathLike], train_rewards: PathLike | None,
+               device) -> EnsembleProxy:
     """The ensemble proxy of the `cdf` stage (objective and normalisation of ``cfg``), for
-    scoring fresh policy samples in batches of ``batch_size``."""
-    stats = normaliser_stats(cfg, train_rewards)
-    scorers = [reward_model_scorer(p, name, device, batch_size=batch_size)
-               for name, p in sorted(reward_models.items())]
+    scoring fresh (prompt, response) pairs in batches of ``batch_size``. Its members: the
+    trained seeds in ``reward_models`` (member name -> directory) and the pretrained reward
+    models of ``members`` (``reward_models.pretrained``), in the reward cache's order."""
+    settings = member_settings(members, reward_models)
+    if not settings:
+        raise StageError("the proxy ensemble has no members: reward_models.seeds and "
+                         "reward_models.pretrained are both empty")
+    stats = None
+    if cfg.normalize:
+        names, ref, _ = proxy_matrix(read_polars(train_rewards, "rewards"), str(train_rewards))
+        if names != [m.name for m in settings]:
+            raise StageError(f"{train_rewards}: the normalisation reference has members "
+                             f"{names}, the proxy ensemble {[m.name for m in settings]}")
+        stats = member_stats(ref)
+    scorers = [reward_model_scorer(m, device, batch_size=batch_size) for m in settings]
     return EnsembleProxy(scorers, cfg.objective, cfg.uwo_lambda, stats)
 
 

@@ -15,7 +15,7 @@ from pipeline_lib.generation.sampling import (
 from pipeline_lib.io.atomic import PathLike
 from pipeline_lib.io.tables import read_polars, write_table
 from pipeline_lib.settings.sections import Settings
-from pipeline_lib.stages.common import StageError, provenance, setup_job
+from pipeline_lib.stages.common import provenance, setup_job
 from pipeline_lib.stages.generate import generate_table, make_backend, prs_cache_table
 from pipeline_lib.stages.reward_cache import load_proxy
 
@@ -47,7 +47,7 @@ def run_sample_shard(
     m = s.sampling.M.of(split)
     starts = shard_group_starts(prompts.height, m, s.generation.batch_size, s.sampling.shards,
                                 shard)
-    backend = make_backend(s.generation, s.seed, policy_dir, device)
+    backend = make_backend(s, policy_dir, device)
     strategy = s.sampling.strategy
     if strategy == "prs":
         table = _prs_shard(s, backend, prompts, starts, m, split, reward_models, device)
@@ -61,15 +61,9 @@ def run_sample_shard(
 def _prs_shard(s: Settings, backend, prompts, starts, m, split, reward_models, device):
     """PRS trees for the shard's prompt groups, guided by the (un-normalised) proxy ensemble;
     each group is seeded on its own, so the table does not depend on the shard count."""
-    if not reward_models:
-        raise StageError("sampling.strategy 'prs' needs the proxy reward models")
-    proxy = load_proxy(dataclasses.replace(s.cdf, normalize=False), s.scoring.batch_size,
-                       reward_models, None, device)
-
-    def score(prompts_, responses):
-        return proxy.score([p + r for p, r in zip(prompts_, responses, strict=True)])
-
+    proxy = load_proxy(dataclasses.replace(s.cdf, normalize=False), s.reward_models,
+                       s.scoring.batch_size, reward_models or {}, None, device)
     groups = prompt_groups(prompts.height, m, s.generation.batch_size)
     frames = [prs_cache_table(backend, prompts[g.start : g.stop], m, s, f"{split}/{g.start}",
-                              score) for g in groups if g.start in set(starts)]
+                              proxy.score) for g in groups if g.start in set(starts)]
     return pl.concat(frames)

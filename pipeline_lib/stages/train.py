@@ -20,11 +20,7 @@ from pipeline_lib.math.cdf import CurveFit
 from pipeline_lib.math.seeding import derive_seed
 from pipeline_lib.math.vbon import vbon_rewards
 from pipeline_lib.models.encoding import encode_prompt
-from pipeline_lib.models.loading import (
-    load_causal_lm,
-    load_tokenizer,
-    save_model,
-)
+from pipeline_lib.models.loading import save_model
 from pipeline_lib.settings.config import config_hash
 from pipeline_lib.settings.methods import MethodRun, kl_coefficient
 from pipeline_lib.settings.sections import Settings, as_dict
@@ -37,6 +33,7 @@ from pipeline_lib.stages.common import (
     remove_checkpoint,
     setup_job,
 )
+from pipeline_lib.stages.generate import load_policy, policy_source
 from pipeline_lib.stages.reward_cache import load_proxy
 from pipeline_lib.train.ppo.config import PPOConfig
 from pipeline_lib.train.ppo.trainer import train_ppo
@@ -65,7 +62,7 @@ def _policy_log_rows(rows: Sequence[Mapping[str, Any]], method: str) -> pl.DataF
 def run_train(
     config: Settings | Mapping[str, Any],
     name: str,
-    policy_dir: PathLike,
+    policy_dir: PathLike | None,
     out_dir: PathLike,
     log_table: PathLike,
     checkpoint_dir: PathLike,
@@ -86,7 +83,7 @@ def run_train(
     run = s.methods[name]
     ckpt = Path(checkpoint_dir)
     checkpoint_guard(ckpt, {"spec": run.as_dict(), "training": s.source["training"],
-                            "config_hash": config_hash(s.source)},
+                            "policy": s.source["policy"], "config_hash": config_hash(s.source)},
                      [policy_dir, prompts_path, cdf_path, rewards_path, pairs_path,
                       *(reward_models or {}).values()])
     dispatch_training_job("train", train_job, s, threads, ckpt, name=name, policy_dir=policy_dir,
@@ -100,7 +97,7 @@ def run_train(
 def train_job(
     config: Settings | Mapping[str, Any],
     name: str,
-    policy_dir: PathLike,
+    policy_dir: PathLike | None,
     out_dir: PathLike,
     log_table: PathLike,
     checkpoint_dir: PathLike,
@@ -116,14 +113,13 @@ def train_job(
     s = Settings.from_config(config)
     run = s.methods[name]
     device = setup_job(s, threads, "train", name)
-    tokenizer = load_tokenizer(policy_dir, "policy")
-    policy = load_causal_lm(policy_dir, "cpu", "policy")
+    tokenizer, policy = load_policy(s, policy_source(s, policy_dir), "cpu")
     train_seed = derive_seed(s.seed, "train", name)
     ckpt = Path(checkpoint_dir)
     on_log = lambda r: log.info("%s %s", name, json.dumps(r, default=float))  # noqa: E731
     if run.is_ppo:
-        proxy = load_proxy(s.cdf, s.scoring.batch_size, reward_models or {}, rewards_path,
-                           device)
+        proxy = load_proxy(s.cdf, s.reward_models, s.scoring.batch_size, reward_models or {},
+                           rewards_path, device)
         inputs = PPOInputs(read_polars(prompts_path, "prompts"), cdf_path, pairs_path)
         rows, model = _train_ppo_method(s, run, tokenizer, policy, proxy, inputs, train_seed,
                                         ckpt, on_log)
@@ -204,7 +200,7 @@ def _train_ppo_method(s: Settings, run: MethodRun, tokenizer, policy, proxy,
                  "1/(n-1)" if run.exact_scale == "n_minus_1" else "1/n (vBoN code)")
 
     def reward_fn(idx: np.ndarray, responses: list[str], ids: list[list[int]]) -> np.ndarray:
-        r = proxy.score([texts[i] + resp for i, resp in zip(idx, responses, strict=True)])
+        r = proxy.score([texts[i] for i in idx], responses)
         if rows_of_prompt is None:
             return r
         return vbon_rewards(rows_of_prompt[idx], r, int(run.n), run.bound, run.exact_scale,

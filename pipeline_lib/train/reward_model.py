@@ -1,4 +1,5 @@
-"""Bradley-Terry training of one proxy reward model on preference pairs."""
+"""Bradley-Terry training of one proxy reward model on preference pairs, each (prompt,
+response) tokenised by :func:`pipeline_lib.models.scorers.encode_pairs` exactly as in scoring."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline_lib.math.losses import bradley_terry_loss
+from pipeline_lib.models.scorers import PairFormat, encode_pairs
 from pipeline_lib.settings.sections import RewardModelSettings
 from pipeline_lib.train.checkpoints import (
     save_trainer_checkpoint,
@@ -34,21 +36,24 @@ from pipeline_lib.train.runtime import (
 log = logging.getLogger(__name__)
 
 
-def _rm_scores(model, tokenizer, texts: Sequence[str], max_length: int, device) -> torch.Tensor:
-    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
-                    return_tensors="pt").to(device)
+def _rm_scores(model, tokenizer, prompts: Sequence[str], responses: Sequence[str],
+               fmt: PairFormat, device) -> torch.Tensor:
+    enc = encode_pairs(tokenizer, prompts, responses, fmt, padding=True,
+                       return_tensors="pt").to(device)
     return model(**enc).logits[:, 0].float()
 
 
 @torch.no_grad()
-def pairwise_accuracy(model, tokenizer, chosen: Sequence[str], rejected: Sequence[str],
-                      max_length: int, device, batch_size: int) -> tuple[float, float]:
+def pairwise_accuracy(model, tokenizer, prompts: Sequence[str], chosen: Sequence[str],
+                      rejected: Sequence[str], fmt: PairFormat, device,
+                      batch_size: int) -> tuple[float, float]:
     """(mean Bradley-Terry loss, accuracy) of a reward model on held-out pairs."""
     model.eval()
     losses, correct = [], []
     for s in range(0, len(chosen), batch_size):
-        sw = _rm_scores(model, tokenizer, chosen[s : s + batch_size], max_length, device)
-        sl = _rm_scores(model, tokenizer, rejected[s : s + batch_size], max_length, device)
+        e = s + batch_size
+        sw = _rm_scores(model, tokenizer, prompts[s:e], chosen[s:e], fmt, device)
+        sl = _rm_scores(model, tokenizer, prompts[s:e], rejected[s:e], fmt, device)
         losses.append(bradley_terry_loss(sw, sl).cpu())
         correct.append((sw > sl).float().cpu())
     model.train()
@@ -64,11 +69,20 @@ def train_reward_model(
     device: str,
     seed: int,
     checkpoint_dir: str | os.PathLike | None = None,
+    prompts: Sequence[str] | None = None,
 ):
-    """Pairwise Bradley-Terry training; ``seed`` fixes head init (done by the caller) and
-    data order. A ``val_fraction`` of pairs is held out and evaluated at the end.
-    ``cfg``: the ``reward_models`` section; ``cfg.checkpoint_every`` (0 = none) steps between checkpoints in ``checkpoint_dir``.
+    """Pairwise Bradley-Terry training on (prompt, chosen) vs (prompt, rejected), each pair
+    read as ``reward_models.input/template/max_length`` say (:func:`encode_pairs`, the same
+    tokenisation as scoring; ``prompts`` None: empty prompts, the responses alone). ``seed``
+    fixes head init (done by the caller) and data order. A ``val_fraction`` of pairs is held
+    out and evaluated at the end. ``cfg``: the ``reward_models`` section;
+    ``cfg.checkpoint_every`` (0 = none) steps between checkpoints in ``checkpoint_dir``.
     Returns (log rows, the trained model)."""
+    fmt = PairFormat.of(cfg)
+    prompts = [""] * len(chosen) if prompts is None else list(prompts)
+    if not len(prompts) == len(chosen) == len(rejected):
+        raise ValueError(f"{len(prompts)} prompts, {len(chosen)} chosen and {len(rejected)} "
+                         "rejected responses")
     acc = make_accelerator(device, cfg.mixed_precision)
     world = acc.num_processes
     model_config = model.config
@@ -77,7 +91,7 @@ def train_reward_model(
     perm = rng.permutation(n)
     n_val = int(round(float(cfg.val_fraction) * n))
     val_idx, train_idx = perm[:n_val], perm[n_val:]
-    bs, max_len = int(cfg.batch_size), int(cfg.max_length)
+    bs = int(cfg.batch_size)
     steps_per_epoch = math.ceil(len(train_idx) / bs)
     total = steps_per_epoch * int(cfg.epochs)
     expected = dict(trainer="reward_model", seed=seed, pairs=n, processes=world)
@@ -94,10 +108,10 @@ def train_reward_model(
     every = int(cfg.checkpoint_every or 0)
     bar = tqdm(total=total, initial=step, desc=f"reward model seed {seed}", unit="step",
                mininterval=5.0, disable=not acc.is_main_process)
-    texts = (chosen, rejected)
+    texts = (prompts, chosen, rejected)
     for _ in range(first_epoch, int(cfg.epochs)):
         for b in shuffled_batches(len(train_idx), bs, rng)[skip:]:
-            loss, acc_value = _rm_step(acc, tr, tokenizer, texts, train_idx[b], max_len,
+            loss, acc_value = _rm_step(acc, tr, tokenizer, texts, train_idx[b], fmt,
                                        float(cfg.center_coef),
                                        step + 1 == total or (step + 1) % int(cfg.log_every) == 0)
             step += 1
@@ -114,8 +128,9 @@ def train_reward_model(
         skip = 0
     bar.close()
     if n_val:
-        vloss, vacc = pairwise_accuracy(tr.model, tokenizer, [chosen[i] for i in val_idx],
-                                        [rejected[i] for i in val_idx], max_len, acc.device, bs)
+        vloss, vacc = pairwise_accuracy(tr.model, tokenizer, [prompts[i] for i in val_idx],
+                                        [chosen[i] for i in val_idx],
+                                        [rejected[i] for i in val_idx], fmt, acc.device, bs)
         tr.rows.append(dict(step=step, split="val", epoch=float(cfg.epochs), loss=vloss,
                             lr=tr.scheduler.get_last_lr()[0], tokens=step * bs, accuracy=vacc,
                             elapsed_s=time.perf_counter() - t0))
@@ -123,16 +138,18 @@ def train_reward_model(
                                     lambda: empty_model(model_config, "classifier"))
 
 
-def _rm_step(acc, tr: PreparedTrainer, tokenizer, texts: tuple[Sequence[str], Sequence[str]],
-             batch_idx: np.ndarray, max_len: int, center_coef: float,
+def _rm_step(acc, tr: PreparedTrainer, tokenizer,
+             texts: tuple[Sequence[str], Sequence[str], Sequence[str]],
+             batch_idx: np.ndarray, fmt: PairFormat, center_coef: float,
              report: bool) -> tuple[float | None, float | None]:
     """One optimiser step on the global batch of pairs ``batch_idx`` (this rank's slice);
     with ``report``, the batch's mean loss and accuracy over every rank."""
     world, rank = acc.num_processes, acc.process_index
-    chosen, rejected = texts
+    prompts, chosen, rejected = texts
     idx, weight = local_part(batch_idx, rank, world)
-    sw = _rm_scores(tr.model, tokenizer, [chosen[i] for i in idx], max_len, acc.device)
-    sl = _rm_scores(tr.model, tokenizer, [rejected[i] for i in idx], max_len, acc.device)
+    x = [prompts[i] for i in idx]
+    sw = _rm_scores(tr.model, tokenizer, x, [chosen[i] for i in idx], fmt, acc.device)
+    sl = _rm_scores(tr.model, tokenizer, x, [rejected[i] for i in idx], fmt, acc.device)
     per_pair = bradley_terry_loss(sw, sl, center_coef=center_coef)
     if world == 1:
         loss = per_pair.mean()

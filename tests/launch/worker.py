@@ -123,7 +123,7 @@ def run(args: dict) -> tuple[list[dict], object]:
     if args["trainer"] == "sft":  # 23 texts in batches of 5: the last batch has 3
         from pipeline_lib.train.sft import train_sft
 
-        cfg = SFTSettings(**common, epochs=3, max_steps=args["steps"], eval_every=2,
+        cfg = SFTSettings(**common, enabled=True, epochs=3, max_steps=args["steps"], eval_every=2,
                           checkpoint_every=2)
         return train_sft(policy, tok, texts(23, 0), texts(7, 1), cfg, "cpu", seed=args["seed"],
                          **ckpt)
@@ -136,7 +136,9 @@ def run(args: dict) -> tuple[list[dict], object]:
         config = policy.config
         config.num_labels = 1
         rm = GPT2ForSequenceClassification(config)
-        cfg = RewardModelSettings(**common, seeds=(1,), epochs=2, val_fraction=0.2,
+        cfg = RewardModelSettings(**common, seeds=(1,), base="sft", revision=None,
+                                  trust_remote_code=False, input="concat", template=None,
+                                  pretrained=(), epochs=2, val_fraction=0.2,
                                   center_coef=0.01, checkpoint_every=2)
         return train_reward_model(rm, tok, texts(18, 2), texts(18, 3), cfg, "cpu",
                                   seed=args["seed"], **ckpt)

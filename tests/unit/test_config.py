@@ -34,7 +34,7 @@ def test_minimal_config_gets_every_section():
         ({"sampling": {"M": {"train": 1}}}, "minimum"),
         ({"prompts": {"max_words": 1, "min_words": 3}}, "prompts.max_words"),
         ({"policy": {"base": "/nonexistent/model"}}, "policy.base"),
-        ({"gold": {"type": "hf", "path": None}}, "gold.path"),
+        ({"gold": {"type": "hf", "model": None}}, "gold.model"),
         ({"corpus": {"path": "/nonexistent.csv"}}, "corpus.path"),
         ({"unknown_key": 1}, "unknown_key"),
         ({"policy": {"n_embd": 130, "n_head": 4}}, "policy.n_embd"),

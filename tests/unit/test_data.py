@@ -12,8 +12,11 @@ from pipeline_lib.io.corpus import (
 )
 from pipeline_lib.settings.sections import CorpusSettings
 
-CFG = {"source": "rotten_tomatoes", "path": None, "text_column": "text",
-       "group_column": "movie", "filter": None, "min_words": 2}
+CFG = {"format": "text_prefix", "source": "rotten_tomatoes", "path": None, "dataset": None,
+       "dataset_config": None, "data_files": None, "revision": None, "split": "train",
+       "test_split": None, "text_column": "text", "group_column": "movie",
+       "prompt_column": "prompt", "target_column": None, "template": None,
+       "chosen_column": "chosen", "messages_column": "messages", "filter": None, "min_words": 2}
 
 
 def corpus_settings(**changes) -> CorpusSettings:
@@ -40,7 +43,8 @@ def test_local_corpus_formats(tmp_path, fmt):
     path = write_corpus(tmp_path, fmt)
     corpus, source = load_corpus(corpus_settings(**{"path": str(path)}))
     assert source == str(path)
-    assert corpus.columns == ["text_id", "group", "text"]
+    assert corpus.columns == ["text_id", "group", "text", "prompt"]
+    assert corpus["prompt"].null_count() == corpus.height  # text_prefix: SFT on the whole text
     assert corpus.height == 30
 
 

@@ -54,7 +54,7 @@ def test_samples_do_not_depend_on_sharding(tiny_policy_dir, config):
     config["generation"]["batch_size"] = 8  # 2 prompts per group at M=4
     prompts = prompts_frame(5)
     g = Settings.from_config(config).generation
-    backend = make_backend(g, config["seed"], tiny_policy_dir, "cpu")
+    backend = make_backend(Settings.from_config(config), tiny_policy_dir, "cpu")
     whole = generate_table(backend, prompts, None, 4, g, config["seed"], "train")
     parts = [generate_table(backend, prompts, shard_group_starts(5, 4, g.batch_size, 2, s), 4,
                             g, config["seed"],
@@ -67,7 +67,7 @@ def test_samples_do_not_depend_on_sharding(tiny_policy_dir, config):
 
 def test_reference_logprob_matches_manual_forward(tiny_policy_dir, config):
     g = Settings.from_config(config).generation
-    backend = make_backend(g, config["seed"], tiny_policy_dir, "cpu")
+    backend = make_backend(Settings.from_config(config), tiny_policy_dir, "cpu")
     table = generate_table(backend, prompts_frame(2), None, 3, g, config["seed"], "train")
     tok, model = backend.tokenizer, backend.model
     row = table.row(4, named=True)

@@ -45,7 +45,7 @@ def _same(rows_a: list[dict], rows_b: list[dict]) -> None:
 # --------------------------------------------------------------------------------------------
 # SFT: 23 texts in batches of 5 = 5 steps per epoch, 3 epochs = 15 steps
 # --------------------------------------------------------------------------------------------
-SFT_CFG = SFTSettings(epochs=3, max_steps=None, batch_size=5, lr=3e-3, weight_decay=0.0,
+SFT_CFG = SFTSettings(enabled=True, epochs=3, max_steps=None, batch_size=5, lr=3e-3, weight_decay=0.0,
                       warmup_steps=2, max_length=16, log_every=1, eval_every=4,
                       checkpoint_every=0, mixed_precision="no")
 
@@ -115,7 +115,8 @@ def test_sft_refuses_a_checkpoint_of_another_seed(tiny_policy_dir, tmp_path):
 # --------------------------------------------------------------------------------------------
 # Reward model: 18 pairs, 4 held out, 14 in batches of 5 = 3 steps per epoch, 3 epochs
 # --------------------------------------------------------------------------------------------
-RM_CFG = RewardModelSettings(seeds=(1,), epochs=3, batch_size=5, lr=3e-3, weight_decay=0.0,
+RM_CFG = RewardModelSettings(seeds=(1,), base="sft", revision=None, trust_remote_code=False,
+                             input="concat", template=None, pretrained=(), epochs=3, batch_size=5, lr=3e-3, weight_decay=0.0,
                              warmup_steps=1, center_coef=0.01, val_fraction=0.2, max_length=16,
                              log_every=1, checkpoint_every=0, mixed_precision="no")
 

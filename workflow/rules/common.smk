@@ -13,6 +13,9 @@ THREADS = config["threads"]
 # undeclared `gpu` resource is unlimited, so these only cap jobs where `--resources gpu=N` is
 # given; under SLURM they become --gpus. Memory, time and CPUs per GPU: profiles/default.
 GPUS = 0 if config["device"] == "cpu" else 1
+# sft.enabled false: policy.base is pi_ref as it is; no rule builds it and the stages load it
+# by name (hub id or local directory).
+SFT = config["sft"]["enabled"]
 TRAIN_GPUS = 0 if config["device"] == "cpu" else config["training"]["launch"]["num_processes"]
 
 
@@ -42,19 +45,62 @@ def without(name, *keys):
     return {name: canonical({k: v for k, v in config[name].items() if k not in keys})}
 
 
+def reference_settings():
+    """The params of a rule that loads pi_ref or a policy derived from it: the chat-template
+    setting (applied whenever a policy tokenizer is loaded) and, with SFT off, pi_ref's name."""
+    if SFT:
+        return only("policy", "chat_template")
+    return only("policy", "base", "revision", "trust_remote_code", "chat_template")
+
+
+def reference_input(wildcards=None):
+    """pi_ref as an input: the SFT model; with SFT off, policy.base is loaded by name and only
+    a local directory's files are inputs (editing them reruns the readers)."""
+    if SFT:
+        return {"policy": f"{R}/models/sft"}
+    files = local_model_files(config["policy"]["base"])
+    return {"reference_files": files} if files else {}
+
+
 # The ensemble proxy (objective, lambda, z-normalisation); `curvefit` only shapes the CDF table.
 PROXY = ("objective", "uwo_lambda", "normalize")
+
+# The proxy ensemble's members (rm-seed<s>, then rm-<name>): the trained seeds, made by rule
+# reward_model, and the ready reward models of reward_models.pretrained, which the stages load
+# by their settings (hub id or local directory; a local directory's files are inputs).
+RM_SEED_DIRS = expand(f"{R}/models/rm-seed{{seed}}", seed=RM_SEEDS)
+
+
+def local_model_files(name):
+    """The files of a model named by a local directory; none for a hub id."""
+    return local_dir_files(name) if Path(name).is_dir() else []
+
+
+def proxy_member_inputs(wildcards=None):
+    """The members as inputs: the trained seeds' directories, and the files of pretrained
+    members in local directories."""
+    files = [f for p in config["reward_models"]["pretrained"]
+             for f in local_model_files(p["model"])]
+    return {"reward_models": RM_SEED_DIRS, **({"pretrained_rm_files": files} if files else {})}
+
+
+def proxy_member_settings():
+    """How the members read (prompt, response): the trained seeds' input, template and
+    max_length, and every pretrained member's settings."""
+    return only("reward_models", "input", "template", "max_length", "pretrained")
+
 
 
 def sample_settings(wildcards):
     """Random sampling reads generation and sampling (only this split's M); PRS sampling also
     scores with the un-normalised proxy ensemble (prs, scoring, cdf objective and lambda)."""
     s = config["sampling"]
-    cfg = {**section("seed", "generation"),
+    cfg = {**section("seed", "generation"), **reference_settings(),
            "sampling": canonical({"strategy": s["strategy"], "shards": s["shards"],
                                   "M": s["M"][wildcards.split]})}
     if s["strategy"] == "prs":
-        cfg |= {**section("prs", "scoring"), **only("cdf", "objective", "uwo_lambda")}
+        cfg |= {**section("prs", "scoring"), **only("cdf", "objective", "uwo_lambda"),
+                **proxy_member_settings()}
     return cfg
 
 
@@ -76,16 +122,20 @@ def corpus_file(wildcards):
     return {"corpus": path} if path is not None else {}
 
 
+# A model named by hub id is no input (the jobs resolve it in the Hugging Face cache); its id
+# and revision are config, in the params of every rule that reads it.
 def base_model_files(wildcards):
-    """The local model that `sft` fine-tunes (policy.base), unless it trains from scratch."""
+    """policy.base's files when it is a local directory (`sft` fine-tunes it)."""
     base = config["policy"]["base"]
-    return {"base_model": local_dir_files(base)} if base != "scratch" else {}
+    files = local_model_files(base) if base != "scratch" else []
+    return {"base_model": files} if files else {}
 
 
 def gold_model_files(wildcards):
-    """The gold classifier's local model directory (gold.type hf)."""
+    """The gold classifier's files when it is a local directory (gold.type hf)."""
     gold = config["gold"]
-    return {"gold_model": local_dir_files(gold["path"])} if gold["type"] == "hf" else {}
+    files = local_model_files(gold["model"]) if gold["type"] == "hf" else []
+    return {"gold_model": files} if files else {}
 
 
 def cdf_norm_reference(wildcards):
@@ -120,11 +170,11 @@ wildcard_constraints:
 def train_inputs(wildcards):
     """What a method run reads: the SFT policy, plus the cache pieces its method needs."""
     run = RUNS[wildcards.policy]
-    inputs = {"policy": f"{R}/models/sft"}
+    inputs = reference_input()
     if run.is_ppo:
         inputs["prompts"] = f"{R}/data/prompts-train.parquet"
         inputs["rewards"] = f"{R}/rewards/train.parquet"
-        inputs["reward_models"] = expand(f"{R}/models/rm-seed{{seed}}", seed=RM_SEEDS)
+        inputs |= proxy_member_inputs()
     if run.uses_cdf:
         inputs["cdf"] = f"{R}/cdf/train.parquet"
     if run.uses_pairs:
@@ -139,11 +189,11 @@ def train_settings(wildcards):
     and bond read the CDF fits (cdf.curvefit)."""
     run = RUNS[wildcards.policy]
     t = config["training"]
-    cfg = {"run": run_spec(run), **section("seed")}
+    cfg = {"run": run_spec(run), **section("seed"), **reference_settings()}
     if run.is_ppo:
         cfg["training"] = canonical({"ppo": t["ppo"], "launch": t["launch"]})
         cfg |= only("generation", "temperature", "top_p", "top_k", "max_new_tokens")
-        cfg |= section("scoring")
+        cfg |= {**section("scoring"), **proxy_member_settings()}
         cfg |= only("cdf", *PROXY, *(("curvefit",) if run.uses_cdf else ()))
     else:
         cfg["training"] = canonical({"preference": t["preference"], "launch": t["launch"]})
@@ -157,11 +207,15 @@ wildcard_constraints:
     evalpolicy=alternatives(EVAL_POLICIES),
 
 
-def policy_dir(wildcards):
-    """The SFT reference is evaluated like any trained policy."""
-    if wildcards.evalpolicy == "sft":
-        return f"{R}/models/sft"
-    return f"{R}/policies/{wildcards.evalpolicy}"
+def evaluate_inputs(wildcards):
+    """The policy evaluated and pi_ref: the reference (`sft`) is evaluated like any trained
+    policy; with SFT off it is loaded by name and is no input."""
+    inputs = dict(reference_input())
+    if "policy" in inputs:
+        inputs["reference"] = inputs["policy"]
+    if wildcards.evalpolicy != "sft":
+        inputs["policy"] = f"{R}/policies/{wildcards.evalpolicy}"
+    return inputs
 
 
 def bon_curve_inputs(wildcards):
@@ -171,7 +225,7 @@ def bon_curve_inputs(wildcards):
 def sample_inputs(wildcards):
     """PRS sampling is guided by the proxy reward models."""
     if config["sampling"]["strategy"] == "prs":
-        return {"reward_models": expand(f"{R}/models/rm-seed{{seed}}", seed=RM_SEEDS)}
+        return proxy_member_inputs()
     return {}
 
 
@@ -179,14 +233,14 @@ def prs_compare_inputs(wildcards):
     c = config["prs_compare"]
     inputs = {"instructions": f"{R}/data/prs-instructions.parquet"}
     if c["model"] == "sft":
-        inputs["model"] = f"{R}/models/sft"
+        inputs |= {("model" if k == "policy" else k): v for k, v in reference_input().items()}
     elif c["model"] == "smollm2":
         inputs["model"] = "results/base-models/smollm2"
-    else:
+    elif local_model_files(c["model"]):  # a local directory; a hub id is no input
         inputs["model"] = c["model"]
-        inputs["model_files"] = local_dir_files(c["model"])
+        inputs["model_files"] = local_model_files(c["model"])
     if c["scorer"] == "proxy":
-        inputs["reward_models"] = expand(f"{R}/models/rm-seed{{seed}}", seed=RM_SEEDS)
+        inputs |= proxy_member_inputs()
         inputs["train_rewards"] = f"{R}/rewards/train.parquet"
     else:
         inputs |= gold_model_files(wildcards)
@@ -198,7 +252,7 @@ def prs_compare_settings(wildcards):
     its scorer: gold, or the proxy ensemble (cdf, scoring)."""
     cfg = {**section("seed", "prs", "prs_compare"), **only("generation", "backend", "vllm")}
     if config["prs_compare"]["scorer"] == "proxy":
-        cfg |= {**only("cdf", *PROXY), **section("scoring")}
+        cfg |= {**only("cdf", *PROXY), **section("scoring"), **proxy_member_settings()}
     else:
         cfg |= section("gold")
     return cfg

@@ -1,7 +1,17 @@
+def corpus_dataset_files(wildcards):
+    """corpus.dataset's local files (a folder, a save_to_disk folder or local data_files), so
+    editing one reruns the rule; a hub id is no file input."""
+    from pipeline_lib.io.datasets import local_dataset_files
+
+    files = local_dataset_files(config["corpus"]["dataset"], config["corpus"]["data_files"])
+    return {"dataset": files} if files else {}
+
+
 rule prompts:
-    """Corpus -> group-wise train/test split -> 2-8 word prompts (train, test, pref)."""
+    """Corpus or dataset rows -> train/test split -> prompts (train, test, pref) and SFT rows."""
     input:
         unpack(corpus_file),
+        unpack(corpus_dataset_files),
     output:
         train=f"{R}/data/prompts-train.parquet",
         test=f"{R}/data/prompts-test.parquet",
@@ -9,7 +19,8 @@ rule prompts:
         corpus_train=f"{R}/data/corpus-train.parquet",
         corpus_test=f"{R}/data/corpus-test.parquet",
     params:
-        cfg=section("seed", "corpus", "prompts"),
+        # sft.enabled: the stage refuses a format without SFT targets when SFT is on
+        cfg={**section("seed", "corpus", "prompts"), **only("sft", "enabled")},
     log:
         f"{R}/logs/prompts.log",
     script:

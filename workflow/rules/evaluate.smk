@@ -18,10 +18,9 @@ rule evaluate:
     KL to the reference (k1 with standard error, k3) and win rates."""
     input:
         unpack(gold_model_files),
-        policy=policy_dir,
-        reference=f"{R}/models/sft",
+        unpack(evaluate_inputs),
+        unpack(proxy_member_inputs),
         prompts=f"{R}/data/prompts-test.parquet",
-        reward_models=expand(f"{R}/models/rm-seed{{seed}}", seed=RM_SEEDS),
         test_rewards=f"{R}/rewards/test.parquet",
         train_rewards=f"{R}/rewards/train.parquet",
     output:
@@ -30,6 +29,8 @@ rule evaluate:
     params:
         # evaluation.bon_ns is the BoN-curve grid (bon_curve), not read here
         cfg={**section("seed", "generation", "gold", "scoring"), **only("cdf", *PROXY),
+             **proxy_member_settings(),
+             **reference_settings(),
              **without("evaluation", "bon_ns")},
         names=[f"rm-seed{s}" for s in RM_SEEDS],
     log:

@@ -43,3 +43,13 @@ rule prs_compare:
         gpu=GPUS,
     script:
         "../scripts/prs_compare.py"
+
+
+rule chatterbot_dataset:
+    """The chatterbot-corpus openers and their replies as a `messages` JSONL dataset (config/chat.yaml)."""
+    output:
+        "results/datasets/chatterbot/conversations.jsonl",
+    log:
+        "results/datasets/chatterbot/conversations.log",
+    script:
+        "../scripts/chatterbot_dataset.py"

@@ -2,12 +2,12 @@ rule preferences:
     """Pairs of SFT samples on the pref prompts, labelled by the gold scorer (+ label noise)."""
     input:
         unpack(gold_model_files),
-        policy=f"{R}/models/sft",
+        unpack(reference_input),
         prompts=f"{R}/data/prompts-pref.parquet",
     output:
         f"{R}/data/preferences.parquet",
     params:
-        cfg=section("seed", "generation", "gold", "preferences"),
+        cfg={**section("seed", "generation", "gold", "preferences"), **reference_settings()},
     log:
         f"{R}/logs/preferences.log",
     benchmark:
@@ -19,16 +19,36 @@ rule preferences:
         "../scripts/preferences.py"
 
 
+def reward_model_init(wildcards):
+    """What a trained seed starts from (reward_models.base): the SFT policy (pi_ref by name when
+    SFT is off), or another model by name, whose files are inputs when it is a local directory."""
+    base = config["reward_models"]["base"]
+    if base == "sft":
+        return reference_input()
+    files = local_model_files(base)
+    return {"base_model_files": files} if files else {}
+
+
+def reward_model_settings():
+    """What a seed's training reads: reward_models without the pretrained members, and the
+    policy's settings when it starts from the policy."""
+    cfg = {**section("seed"), **without("reward_models", "pretrained")}
+    if config["reward_models"]["base"] == "sft":
+        cfg |= reference_settings()
+    return cfg
+
+
 rule reward_model:
-    """One seed of the proxy reward-model ensemble (Bradley-Terry, initialised from SFT)."""
+    """One trained seed of the proxy ensemble (Bradley-Terry), initialised from
+    reward_models.base (the SFT policy, or another model)."""
     input:
+        unpack(reward_model_init),
         preferences=f"{R}/data/preferences.parquet",
-        policy=f"{R}/models/sft",
     output:
         model=directory(f"{R}/models/rm-seed{{seed}}"),
         log_table=f"{R}/logs/rm-seed{{seed}}.parquet",
     params:
-        cfg=section("seed", "reward_models"),
+        cfg=reward_model_settings(),
         checkpoint_dir=lambda wc: f"{R}/checkpoints/rm-seed{wc.seed}",
     log:
         f"{R}/logs/rm-seed{{seed}}.log",

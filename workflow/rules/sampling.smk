@@ -2,7 +2,7 @@ rule sample:
     """M reference samples for one shard of a split's prompts, with reference log-probs."""
     input:
         unpack(sample_inputs),
-        policy=f"{R}/models/sft",
+        unpack(reference_input),
         prompts=f"{R}/data/prompts-{{split}}.parquet",
     output:
         temp(f"{R}/samples/{{split}}/shard-{{shard}}.parquet"),
@@ -34,15 +34,16 @@ rule gather_samples:
 
 
 rule score:
-    """The reward cache: gold and every proxy reward model on every cached sample."""
+    """The reward cache: gold and every proxy member (trained seeds, pretrained reward models)
+    on every cached sample."""
     input:
         unpack(gold_model_files),
+        unpack(proxy_member_inputs),
         samples=f"{R}/samples/{{split}}.parquet",
-        reward_models=expand(f"{R}/models/rm-seed{{seed}}", seed=RM_SEEDS),
     output:
         f"{R}/rewards/{{split}}.parquet",
     params:
-        cfg=section("gold", "scoring"),
+        cfg={**section("gold", "scoring"), **proxy_member_settings()},
         names=[f"rm-seed{s}" for s in RM_SEEDS],
     log:
         f"{R}/logs/score-{{split}}.log",

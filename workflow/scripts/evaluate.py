@@ -8,8 +8,8 @@ with job_logging(snakemake.log[0], f"{snakemake.rule} {name}"):
     run_evaluate(
         snakemake.config,
         name=name,
-        policy_dir=inp.policy,
-        reference_dir=inp.reference,
+        policy_dir=inp.get("policy"),
+        reference_dir=inp.get("reference"),
         prompts_path=inp.prompts,
         reward_models=dict(zip(snakemake.params.names, inp.reward_models, strict=True)),
         test_rewards=inp.test_rewards,

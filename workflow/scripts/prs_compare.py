@@ -6,7 +6,7 @@ inp = snakemake.input
 with job_logging(snakemake.log[0], snakemake.rule):
     run_prs_compare(
         snakemake.config,
-        model_dir=inp.model,
+        model_dir=inp.get("model"),
         instructions=inp.instructions,
         samples_out=snakemake.output.samples,
         summary_out=snakemake.output.summary,

@@ -7,7 +7,7 @@ with job_logging(snakemake.log[0], f"{snakemake.rule} seed {snakemake.wildcards.
         snakemake.config,
         seed=int(snakemake.wildcards.seed),
         preferences=snakemake.input.preferences,
-        policy_dir=snakemake.input.policy,
+        policy_dir=snakemake.input.get("policy"),
         out_dir=snakemake.output.model,
         log_table=snakemake.output.log_table,
         checkpoint_dir=snakemake.params.checkpoint_dir,

@@ -8,7 +8,7 @@ with job_logging(snakemake.log[0], f"{snakemake.rule} {wc.split} shard {wc.shard
         snakemake.config,
         split=wc.split,
         shard=int(wc.shard),
-        policy_dir=snakemake.input.policy,
+        policy_dir=snakemake.input.get("policy"),
         prompts_path=snakemake.input.prompts,
         out=snakemake.output[0],
         threads=snakemake.threads,

@@ -8,7 +8,7 @@ with job_logging(snakemake.log[0], f"{snakemake.rule} {name}"):
     run_train(
         snakemake.config,
         name=name,
-        policy_dir=inp.policy,
+        policy_dir=inp.get("policy"),
         out_dir=snakemake.output.model,
         log_table=snakemake.output.log_table,
         checkpoint_dir=snakemake.params.checkpoint_dir,

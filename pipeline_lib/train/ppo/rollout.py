@@ -98,8 +98,9 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def generation_config(cfg: PPOConfig, tokenizer, pad_id: int):
-    """The transformers GenerationConfig of a rollout (sampling with the config's parameters)."""
+def generation_config(cfg: PPOConfig, tokenizer, pad_id: int, eos_ids: Sequence[int]):
+    """The transformers GenerationConfig of a rollout (sampling with the config's parameters,
+    stopping on any of ``eos_ids``)."""
     from transformers import GenerationConfig
 
     return GenerationConfig(
@@ -109,7 +110,7 @@ def generation_config(cfg: PPOConfig, tokenizer, pad_id: int):
         top_k=int(cfg.top_k),
         max_new_tokens=int(cfg.max_new_tokens),
         pad_token_id=pad_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=list(eos_ids) or None,
         bos_token_id=tokenizer.bos_token_id,
         use_cache=True,
     )

@@ -87,7 +87,7 @@ class PPORun:
     sft_examples: list | None
     gen_cfg: Any
     pad_id: int
-    eos_id: int | None
+    eos_id: list[int]
     ckpt_root: Path | None
     resumed_from: Path | None
     state: LoopState
@@ -143,7 +143,7 @@ def start_run(policy, tokenizer, prompts, cfg: PPOConfig, seed: int, checkpoint_
     return PPORun(cfg=cfg, seed=seed, acc=acc, model=model, ref=ref, optimizer=optimizer,
                   params=params, tokenizer=tokenizer,
                   prompt_ids=[encode_prompt(tokenizer, t) for t in prompts],
-                  sft_examples=sft_examples, gen_cfg=generation_config(cfg, tokenizer, pad_id),
+                  sft_examples=sft_examples, gen_cfg=generation_config(cfg, tokenizer, pad_id, eos_id),
                   pad_id=pad_id, eos_id=eos_id, ckpt_root=ckpt_root, resumed_from=resume_from,
                   state=state)
 

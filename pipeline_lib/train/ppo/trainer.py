@@ -22,6 +22,7 @@ from pipeline_lib.math.ppo_math import (
     token_rewards,
     whiten,
 )
+from pipeline_lib.models.encoding import eos_token_ids
 from pipeline_lib.train.distributed import (
     is_zero3,
     rank_slice,
@@ -71,7 +72,7 @@ def train_ppo(
     Returns:
         (log rows, the trained policy as a plain HF causal LM in eval mode).
     """
-    pad_id, eos_id = _check_inputs(prompts, tokenizer, cfg, sft_examples)
+    pad_id, eos_id = _check_inputs(prompts, tokenizer, cfg, sft_examples, policy)
     run = start_run(policy, tokenizer, prompts, cfg, seed, checkpoint_dir, sft_examples, pad_id,
                  eos_id)
     st = run.state
@@ -94,8 +95,10 @@ def train_ppo(
     return st.rows, final_policy(run)
 
 
-def _check_inputs(prompts, tokenizer, cfg: PPOConfig, sft_examples) -> tuple[int, int | None]:
-    """(pad id, eos id) after checking the prompts, the BOND examples and the tokenizer."""
+def _check_inputs(prompts, tokenizer, cfg: PPOConfig, sft_examples,
+                  policy) -> tuple[int, list[int]]:
+    """(pad id, EOS ids) after checking the prompts, the BOND examples and the tokenizer; the
+    EOS ids are the tokenizer's and the policy's generation config's."""
     if not prompts:
         raise ValueError("train_ppo needs at least one prompt")
     use_sft = cfg.sft_weight > 0
@@ -108,7 +111,7 @@ def _check_inputs(prompts, tokenizer, cfg: PPOConfig, sft_examples) -> tuple[int
         pad_id = tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("the tokenizer needs a pad or eos token")
-    return pad_id, tokenizer.eos_token_id
+    return pad_id, eos_token_ids(tokenizer, policy)
 
 
 @dataclass
