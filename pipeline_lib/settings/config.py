@@ -16,7 +16,7 @@ import yaml
 from pipeline_lib.settings.errors import ConfigError
 from pipeline_lib.settings.launch import check_launch
 from pipeline_lib.settings.paths import SCHEMA_PATH
-from pipeline_lib.settings.sections import Settings
+from pipeline_lib.settings.sections import CorpusSettings, Settings
 
 
 def check_config(config: Mapping[str, Any]) -> Settings:
@@ -30,6 +30,12 @@ def check_config(config: Mapping[str, Any]) -> Settings:
         )
     base = s.policy.base
     _check_models(s)
+    problem = sft_target_problem(s.corpus) if s.sft.enabled else None
+    if problem is not None:
+        raise ConfigError(problem)
+    if base == "scratch" and s.policy.chat_template is True:
+        raise ConfigError("config key policy.chat_template is true but policy.base 'scratch' "
+                          "trains a tokenizer without a chat template")
     if s.corpus.path is not None and not Path(s.corpus.path).exists():
         raise ConfigError(f"config key corpus.path: file {s.corpus.path!r} does not exist")
     if s.sampling.shards > s.prompts.n_train:
@@ -132,6 +138,14 @@ def _check_models(s: Settings) -> None:
     c = s.prs_compare
     if c.enabled:
         _check_model_name(c.model, "prs_compare.model", ("sft", "smollm2"))
+
+
+def sft_target_problem(cfg: CorpusSettings) -> str | None:
+    """Why format ``corpus.format`` gives no SFT target whatever the data (None when it can)."""
+    if cfg.format == "prompt" and cfg.target_column is None:
+        return ("config key corpus.target_column is null, so format 'prompt' has no SFT target, "
+                "but sft.enabled is true; set corpus.target_column or sft.enabled: false")
+    return None
 
 
 def _check_vllm(temperature: float) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import polars as pl
 
 from pipeline_lib.io.atomic import PathLike
-from pipeline_lib.io.tables import read_polars, write_table
+from pipeline_lib.io.tables import read_polars, read_provenance, write_table
 from pipeline_lib.settings.sections import Settings
 from pipeline_lib.stages.common import provenance
 from pipeline_lib.stages.reward_cache import check_complete
@@ -27,5 +27,8 @@ def run_gather(
     order = {p: i for i, p in enumerate(prompts["prompt_id"].to_list())}
     table = (table.with_columns(pl.col("prompt_id").replace_strict(order).alias("_o"))
              .sort("_o", "sample_idx").drop("_o"))
+    # the models the shards were sampled with (the same in every shard)
+    models = {k: v for path in shards for k, v in read_provenance(path).get("models", {}).items()}
     write_table(table, out, "samples", provenance(s, "gather", split=split, M=m,
-                                                  shards=len(shards)))
+                                                  shards=len(shards),
+                                                  **({"sampled_with": models} if models else {})))

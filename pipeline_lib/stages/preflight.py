@@ -28,6 +28,7 @@ from pipeline_lib.models.hub import (
     download_command,
     resolve_model,
 )
+from pipeline_lib.models.labels import config_section, scorer_label
 from pipeline_lib.settings.errors import ConfigError
 from pipeline_lib.settings.sections import ModelRef, ScorerSettings, Settings
 
@@ -58,40 +59,6 @@ def named_scorers(s: Settings) -> list[ScorerSettings]:
     if s.gold.type == "hf":
         scorers.append(s.gold.scorer)
     return scorers
-
-
-def _section(key: str) -> str:
-    """``gold.model`` -> ``gold``; ``reward_models.pretrained[0].model`` -> ``...[0]``."""
-    return key.rsplit(".", 1)[0] if key.endswith(".model") else key
-
-
-def scorer_label(sc: ScorerSettings, num_labels: int, id2label: Mapping[Any, str]) -> int:
-    """The index of the label a scorer reads, after checking it against the model's labels:
-    ``label`` an index or a name of ``id2label`` (default: the only label, else the last), and
-    ``output: probability`` refused on a one-label model (a softmax over one logit is 1.0 for
-    every text). Raises :class:`ConfigError` naming the key."""
-    sec = _section(sc.key)
-    names = {int(i): str(n) for i, n in id2label.items()} if id2label else {}
-    listing = ", ".join(f"{i}: {names.get(i, f'LABEL_{i}')}" for i in range(num_labels))
-    if sc.output == "probability" and num_labels == 1:
-        raise ConfigError(f"config key {sec}.output: 'probability' of the one-label model "
-                          f"{sc.model!r} is 1.0 for every text (a constant scorer); use 'logit' "
-                          "or 'auto'")
-    label = sc.label
-    if label is None:
-        return 0 if num_labels == 1 else num_labels - 1
-    if isinstance(label, bool) or not isinstance(label, (int, str)):
-        raise ConfigError(f"config key {sec}.label: {label!r} is neither an index nor a name")
-    if isinstance(label, int):
-        if not 0 <= label < num_labels:
-            raise ConfigError(f"config key {sec}.label: index {label} is out of range; "
-                              f"{sc.model!r} has labels {listing}")
-        return label
-    by_name = {n: i for i, n in names.items() if i < num_labels}
-    if label not in by_name:
-        raise ConfigError(f"config key {sec}.label: {label!r} is not a label of {sc.model!r}; "
-                          f"its labels are {listing}")
-    return by_name[label]
 
 
 def _has_weights(path: Path) -> bool:
@@ -143,7 +110,7 @@ def _check_one(s: Settings, ref: ModelRef, resolved: dict[str, ResolvedModel]) -
         if sc.key == ref.key:
             scorer_label(sc, int(config.num_labels), getattr(config, "id2label", None) or {})
             if sc.input == "chat":
-                _check_chat(_tokenizer(m), f"{_section(sc.key)}.input", sc.model)
+                _check_chat(_tokenizer(m), f"{config_section(sc.key)}.input", sc.model)
     if ref.key == "policy.base" and s.policy.chat_template in (True, "true"):
         from pipeline_lib.models.encoding import apply_chat_setting
 

@@ -27,7 +27,12 @@ def run_convert_smollm2(out_dir: PathLike) -> None:
     gguf = Path(str(dist.locate_file(SMOLLM2[1])))
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_config(loaded.config)
+    config = loaded.config
+    # the weights are dequantised here: the copy is a plain model (a GGUF quantization_config
+    # left in its config.json would make every model derived from it unsavable)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(loaded.state_dict())
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -38,6 +38,8 @@ def test_minimal_config_gets_every_section():
         ({"corpus": {"path": "/nonexistent.csv"}}, "corpus.path"),
         ({"unknown_key": 1}, "unknown_key"),
         ({"policy": {"n_embd": 130, "n_head": 4}}, "policy.n_embd"),
+        ({"corpus": {"format": "prompt", "target_column": None}}, "corpus.target_column"),
+        ({"policy": {"chat_template": True}}, "policy.chat_template"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

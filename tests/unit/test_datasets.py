@@ -33,22 +33,25 @@ from support.tiny_data import (
 
 from pipeline_lib.io.conversation import messages_to_prompt, prompt_messages
 from pipeline_lib.io.corpus import (
-    CorpusError,
     corpus_examples,
-    fill_template,
-    hh_example,
     load_task_data,
-    messages_example,
     prompt_tables,
     read_corpus,
-    row_example,
     select_prompts,
-    template_columns,
 )
 from pipeline_lib.io.datasets import DatasetSourceError, load_split, local_dataset_files
+from pipeline_lib.io.formats import (
+    CorpusError,
+    fill_template,
+    hh_example,
+    messages_example,
+    row_example,
+    template_columns,
+)
 from pipeline_lib.io.tables import read_polars, write_table
 from pipeline_lib.models.encoding import encode_prompt
 from pipeline_lib.settings.config import load_config
+from pipeline_lib.settings.errors import ConfigError
 from pipeline_lib.settings.sections import Settings
 from pipeline_lib.stages.prompts import run_prompts
 from pipeline_lib.train.sft import (
@@ -75,7 +78,9 @@ def settings(corpus: dict, **sections) -> Settings:
 def corpus_cfg(**keys):
     """A corpus section for a polars frame (no source keys needed)."""
     base = {"format": "prompt", "group_column": None, "filter": None}
-    return settings({**base, **keys}).corpus
+    # no SFT (a named pi_ref; never loaded here): a prompt column needs no target
+    return settings({**base, **keys}, sft={"enabled": False},
+                    policy={"base": "tiny-random/gpt2"}).corpus
 
 
 @pytest.fixture()
@@ -457,12 +462,12 @@ def test_stage_writes_prompts_and_sft_pairs(tmp_path):
 def test_sft_enabled_needs_targets(tmp_path):
     data = tiny_dataset(tmp_path / "d", "prompt", "jsonl")
     no_target = {**data.corpus, "target_column": None}
-    cfg = load_config(ROOT / "tests/data/tiny.yaml", {"corpus": no_target,
-                                                      "prompts": TINY_PROMPTS})
-    with pytest.raises(CorpusError, match=r"^config key corpus.target_column is null, so format "
+    with pytest.raises(ConfigError, match=r"^config key corpus.target_column is null, so format "
                                           r"'prompt' has no SFT target, but sft.enabled is true"):
-        run_stage(tmp_path, cfg)
-    cfg["sft"]["enabled"] = False
+        load_config(ROOT / "tests/data/tiny.yaml", {"corpus": no_target, "prompts": TINY_PROMPTS})
+    cfg = load_config(ROOT / "tests/data/tiny.yaml", {
+        "corpus": no_target, "sft": {"enabled": False}, "policy": {"base": "tiny-random/gpt2"},
+        "prompts": TINY_PROMPTS})
     _, corpus = run_stage(tmp_path, cfg)
     assert (corpus["train"]["text"] == "").all()
     # messages that all end with a user turn: known only once read

@@ -315,9 +315,10 @@ def test_output_auto_is_the_logit_of_one_label_and_the_probability_of_several(
 
 def test_a_constant_scorer_is_refused_naming_the_key(deberta_dir):
     with pytest.raises(ValueError, match=r"config key reward_models.pretrained\[0\].output: "
-                                         "probability of a one-label model is always 1.0"):
+                                         "'probability' of the one-label model .* is 1.0 for "
+                                         "every text"):
         HFClassifierScorer(_scorer(deberta_dir, output="probability"), "proxy")
-    with pytest.raises(ValueError, match=r"config key gold.output: probability of a one-label"):
+    with pytest.raises(ValueError, match=r"config key gold.output: 'probability' of the one-label"):
         gold_scorer(_gold(deberta_dir, output="probability"), "cpu")
 
 
@@ -332,8 +333,8 @@ def test_gold_label_by_name_probability_and_logit(sentiment_dir):
     np.testing.assert_allclose(by_index.score(PROMPTS, RESPONSES), logits[:, 1], atol=1e-5)
     default = gold_scorer(_gold(sentiment_dir, None, "logit"), "cpu")
     np.testing.assert_allclose(default.score(PROMPTS, RESPONSES), logits[:, 1], atol=1e-5)
-    with pytest.raises(ValueError, match="config key gold.label: label 'positive' not in the "
-                                         "model's labels"):
+    with pytest.raises(ValueError, match="config key gold.label: 'positive' is not a label of "
+                                         ".*; its labels are 0: NEGATIVE, 1: POSITIVE"):
         gold_scorer(_gold(sentiment_dir, "positive", "logit"), "cpu")
 
 
