@@ -113,13 +113,26 @@ def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str], fm
     ``return_tensors``) go to the tokenizer.
 
     ``concat`` and ``template``: the text with the tokenizer's special tokens; ``pair``:
-    ``tokenizer(prompts, responses)`` (its pair special tokens, longest-first truncation);
-    ``chat``: the rendered template without adding special tokens (it places its own)."""
+    ``tokenizer(prompts, responses)`` (its pair special tokens; the prompt is truncated);
+    ``chat``: the rendered template without adding special tokens (it places its own).
+
+    Truncation cuts from the left: what a reward model must see is the response, at the end,
+    so a long prompt loses its beginning rather than the response its end."""
     texts, pairs = format_pairs(tokenizer, prompts, responses, fmt)
-    if pairs is not None:
-        return tokenizer(texts, pairs, truncation=True, max_length=fmt.max_length, **kwargs)
-    return tokenizer(texts, truncation=True, max_length=fmt.max_length,
-                     add_special_tokens=fmt.input != "chat", **kwargs)
+    side = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"
+    try:
+        if pairs is not None:  # cut the prompts; the responses too only when they alone overflow
+            try:
+                return tokenizer(texts, pairs, truncation="only_first",
+                                 max_length=fmt.max_length, **kwargs)
+            except Exception:  # noqa: BLE001 - the tokenizers. "sequence not long enough"
+                return tokenizer(texts, pairs, truncation="longest_first",
+                                 max_length=fmt.max_length, **kwargs)
+        return tokenizer(texts, truncation=True, max_length=fmt.max_length,
+                         add_special_tokens=fmt.input != "chat", **kwargs)
+    finally:
+        tokenizer.truncation_side = side
 
 
 class VaderScorer:

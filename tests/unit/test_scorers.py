@@ -143,10 +143,12 @@ def llama_chat_dir(tmp_path_factory):
 
 
 def _logits(path, texts, **tok_kwargs):
-    """The model's logits of each text, one text at a time (no padding at all)."""
+    """The model's logits of each text, one text at a time (no padding at all; truncation,
+    when asked, from the left as the scorers truncate)."""
     from transformers import AutoModelForSequenceClassification
 
     tok = load_tokenizer(path)
+    tok.truncation_side = "left"
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
     with torch.no_grad():
         return np.stack([model(**tok(t, return_tensors="pt", **tok_kwargs)).logits[0]
@@ -189,6 +191,20 @@ def test_concat_gives_todays_numbers(sentiment_dir, seed_dir):
 
     want = [SentimentIntensityAnalyzer().polarity_scores(t)["compound"] for t in TEXTS]
     np.testing.assert_allclose(vader.score(PROMPTS, RESPONSES), want)
+
+
+@pytest.mark.parametrize("input, template", [("concat", None), ("template", "{prompt} => {response}"),
+                                             ("pair", None)])
+def test_a_long_prompt_loses_its_beginning_never_the_response(seed_dir, input, template):
+    """Truncation keeps the end: the response a reward model must judge survives any prompt."""
+    tok = load_tokenizer(seed_dir)
+    fmt = PairFormat(input, template, 12, "reward_models")
+    prompt, response = " ".join(["a great film"] * 20), " truly awful"
+    ids = encode_pairs(tok, [prompt], [response], fmt)["input_ids"][0]
+    assert len(ids) == 12
+    assert tok.decode(ids).endswith(response) or tok.decode(ids).rstrip().endswith(
+        response.strip())
+    assert tok.truncation_side == "right"  # the tokenizer is left as it was
 
 
 def test_concat_truncates_at_the_models_max_length(sentiment_dir):
