@@ -26,6 +26,7 @@ from pipeline_lib.models.encoding import (
     encode_prompt,
     encode_rendered,
     eos_token_ids,
+    render_prompt,
 )
 
 log = logging.getLogger(__name__)
@@ -71,11 +72,7 @@ class HFTextGenerator:
         return self.use_chat_template and bool(getattr(self.tokenizer, "chat_template", None))
 
     def format_prompt(self, text: str) -> str:
-        if not self.uses_chat_template:
-            return text
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
-        )
+        return render_prompt(self.tokenizer, text) if self.uses_chat_template else text
 
     def encode(self, text: str) -> list[int]:
         return encode_rendered(self.tokenizer, text, self.uses_chat_template)

@@ -66,7 +66,9 @@ class VLLMBackend:
                 ids = list(comp.token_ids)
                 finished = comp.finish_reason == "stop"
                 if finished and eos_ids and (not ids or ids[-1] not in eos_ids):
-                    ids.append(eos_ids[0])  # a stop on EOS leaves it out of token_ids
+                    # a stop on EOS may leave it out of token_ids: the id it stopped on
+                    stop = getattr(comp, "stop_reason", None)
+                    ids.append(stop if stop in eos_ids else eos_ids[0])
                 responses.append(Response(ids, finished))
             result.append(responses)
         return result

@@ -120,6 +120,9 @@ def _check_models(s: Settings) -> None:
                               "sequence classifier by hub id or local directory)")
         _check_model_name(g.model, "gold.model")
         _check_scorer_input("gold", g.input, g.template)
+    elif g.input != "concat" or g.template is not None:
+        raise ConfigError(f"config key gold.input: the {g.type} gold scorer reads prompt + "
+                          "response as one text; input and template are for gold.type 'hf'")
     rm = s.reward_models
     _check_model_name(rm.base, "reward_models.base", ("sft",))
     _check_scorer_input("reward_models", rm.input, rm.template)

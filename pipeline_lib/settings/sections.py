@@ -205,6 +205,8 @@ class PRSSettings:
 
 @dataclass(frozen=True)
 class PRSCompareSettings:
+    """``prs_compare``: best-of-N with random sampling vs PRS on one model, prompts and scorer."""
+
     enabled: bool
     model: str
     revision: str | None
@@ -219,6 +221,11 @@ class PRSCompareSettings:
     top_k: int
     max_new_tokens: int
     batch_size: int
+
+    @property
+    def ref(self) -> ModelRef:
+        """``prs_compare.model`` as a model reference (a hub id or directory, not sft/smollm2)."""
+        return ModelRef(self.model, self.revision, self.trust_remote_code, "prs_compare.model")
 
 
 @dataclass(frozen=True)

@@ -47,8 +47,10 @@ PolicySource = PathLike | ModelRef
 def policy_source(s: Settings, policy_dir: PathLike | None) -> PolicySource:
     """Where a policy is loaded from: the directory a rule hands over (the SFT model or a
     trained policy), or π_ref by name (``policy.base``) when ``sft.enabled`` is false."""
-    if policy_dir is not None:
+    if isinstance(policy_dir, ModelRef):
         return policy_dir
+    if policy_dir is not None:  # derived from pi_ref: its code is pi_ref's
+        return ModelRef(str(policy_dir), None, s.policy.trust_remote_code, "policy")
     if s.sft.enabled or s.policy.base == "scratch":
         raise StageError("no policy directory was given and sft.enabled is true: the rule must "
                          "pass the SFT model")
@@ -66,21 +68,26 @@ def load_policy(s: Settings, source: PolicySource, device) -> tuple:
     return load_policy_tokenizer(s, source), load_causal_lm(source, device, "policy")
 
 
-def make_backend(s: Settings, policy_dir: PathLike | None, device, g: GenerationSettings | None = None):
+def make_backend(s: Settings, policy_dir: PathLike | ModelRef | None, device,
+                 g: GenerationSettings | None = None, policy: bool = True):
     """The generation backend ``generation.backend`` names, serving the policy in
     ``policy_dir`` (π_ref by name when it is None and SFT is off); ``g`` overrides the
-    generation section."""
+    generation section. ``policy`` false: another model (the PRS comparison's), whose
+    tokenizer keeps its own chat template (``policy.chat_template`` is for policies)."""
     g = s.generation if g is None else g
     backend, seed = g.backend, s.seed
     source = policy_source(s, policy_dir)
-    tokenizer, model = load_policy(s, source, device)
+    if policy:
+        tokenizer, model = load_policy(s, source, device)
+    else:
+        tokenizer, model = load_tokenizer(source, "model"), load_causal_lm(source, device, "model")
     if backend == "hf":
         return HFBackend(model, tokenizer, device)
     if backend == "vllm":
         from pipeline_lib.models.hub import resolve_model
 
         v = g.vllm
-        path = resolve_model(source).path if isinstance(source, ModelRef) else source
+        path = resolve_model(source).path
         return VLLMBackend(path, tokenizer, model, device,
                            tensor_parallel_size=v.tensor_parallel_size,
                            gpu_memory_utilization=v.gpu_memory_utilization, dtype=v.dtype,

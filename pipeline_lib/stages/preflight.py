@@ -49,7 +49,7 @@ def named_models(s: Settings) -> list[ModelRef]:
         refs.append(s.gold.scorer.ref)
     c = s.prs_compare
     if c.enabled and c.model not in ("sft", "smollm2"):
-        refs.append(ModelRef(c.model, c.revision, c.trust_remote_code, "prs_compare.model"))
+        refs.append(c.ref)
     return refs
 
 

@@ -15,7 +15,7 @@ from pipeline_lib.generation.sampling import SamplingParams
 from pipeline_lib.io.tables import read_polars, write_table
 from pipeline_lib.math.seeding import derive_seed
 from pipeline_lib.models.scorers import gold_scorer
-from pipeline_lib.settings.sections import ModelRef, Settings
+from pipeline_lib.settings.sections import Settings
 from pipeline_lib.stages.common import PathLike, provenance, setup_job
 from pipeline_lib.stages.figures import plot_prs_compare
 from pipeline_lib.stages.generate import make_backend, prs_config
@@ -90,11 +90,10 @@ def run_prs_compare(
     device = setup_job(s, threads, "prs-compare")
     c = s.prs_compare
     prompts = read_polars(instructions, "prompts")
-    c = s.prs_compare
+    is_policy = c.model == "sft"
     if model_dir is None:  # a model by hub id, or pi_ref by name when SFT is off
-        model_dir = s.policy.ref if c.model == "sft" else ModelRef(
-            c.model, c.revision, c.trust_remote_code, "prs_compare.model")
-    backend = make_backend(s, model_dir, device)
+        model_dir = s.policy.ref if is_policy else c.ref
+    backend = make_backend(s, model_dir, device, policy=is_policy)
     params = SamplingParams(c.temperature, c.top_p, c.top_k, c.max_new_tokens)
     score = comparison_scorer(s, device, reward_models, train_rewards)
     rows: list[dict] = []

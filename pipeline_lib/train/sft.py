@@ -39,9 +39,14 @@ def encode_lm_texts(tokenizer, texts: Sequence[str], max_length: int) -> list[li
     """BOS + text + EOS, truncated to ``max_length`` tokens (EOS dropped when truncated)."""
     out = []
     for t in texts:
-        ids = [*encode_prompt(tokenizer, t), tokenizer.eos_token_id]
+        ids = [*encode_prompt(tokenizer, t), *_eos(tokenizer)]
         out.append(ids[:max_length])
     return out
+
+
+def _eos(tokenizer) -> list[int]:
+    """The EOS an SFT example ends with (none for a tokenizer without one)."""
+    return [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
 
 
 def encode_completion(tokenizer, prompt: str, target: str,
@@ -55,7 +60,7 @@ def encode_completion(tokenizer, prompt: str, target: str,
     head = encode_prompt(tokenizer, prompt)
     if len(head) >= max_length:
         return None
-    tail = [*tokenizer(target, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    tail = [*tokenizer(target, add_special_tokens=False)["input_ids"], *_eos(tokenizer)]
     return [*head, *tail][:max_length], len(head)
 
 

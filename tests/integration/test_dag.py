@@ -431,6 +431,12 @@ def test_a_setting_reruns_only_the_jobs_that_read_it(run, tmp_path):
         f"train[policy={r}]" for r in ppo_runs}
     assert params_changed(lambda c: c["training"]["preference"].update(epochs=3)) == {
         f"train[policy={r}]" for r in set(RUNS) - ppo_runs}
+    # the chat-template setting is applied whenever a policy tokenizer is loaded: every job
+    # that loads pi_ref or a policy derived from it reads it
+    changed = params_changed(lambda c: c["policy"].update(chat_template=False))
+    assert {j.split("[")[0] for j in changed} == {
+        "sft", "preferences", "reward_model", "sample", "train", "evaluate", "prs_compare"}
+    assert len(changed) == 1 + 1 + 2 + 4 + len(RUNS) + (len(RUNS) + 1) + 1
 
 
 @slow

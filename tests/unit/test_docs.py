@@ -221,3 +221,4 @@ def test_checkers_catch_what_they_should(tmp_path):
     assert "outside" in verdicts["../../shared/design/METHODS.md"]
     assert "no such file" in verdicts["missing.md"]
     assert "absolute" in verdicts["/etc/passwd"]
+

@@ -446,3 +446,8 @@ def test_hf_text_generator_chat_template(tiny_policy_dir):
                          PRSConfig(n=2, feedback_max_new_tokens=3), seed=0)
     assert results[0][0].gen_prompt.startswith("[U]a great") and \
         results[0][0].gen_prompt.endswith("[A]")
+    # a stored conversation (HH transcript) is rendered turn by turn, as every stage renders it
+    tok.chat_template = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}[A]{% endif %}")
+    convo = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: a great\n\nAssistant:"
+    assert gen.format_prompt(convo) == "[user]hi[assistant]hello[user]a great[A]"

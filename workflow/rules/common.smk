@@ -251,6 +251,8 @@ def prs_compare_settings(wildcards):
     """The comparison's own settings, PRS templates, the generation backend (make_backend), and
     its scorer: gold, or the proxy ensemble (cdf, scoring)."""
     cfg = {**section("seed", "prs", "prs_compare"), **only("generation", "backend", "vllm")}
+    if config["prs_compare"]["model"] == "sft":  # the policy: pi_ref's settings
+        cfg |= reference_settings()
     if config["prs_compare"]["scorer"] == "proxy":
         cfg |= {**only("cdf", *PROXY), **section("scoring"), **proxy_member_settings()}
     else:

@@ -22,7 +22,7 @@ from pipeline_lib.math.ppo_math import (
     token_rewards,
     whiten,
 )
-from pipeline_lib.models.encoding import eos_token_ids
+from pipeline_lib.models.encoding import decode_responses, eos_token_ids
 from pipeline_lib.train.distributed import (
     is_zero3,
     rank_slice,
@@ -140,7 +140,7 @@ def collect_rollout(run: PPORun, reward_fn: RewardFn) -> Rollout:
     unwrapped = run.acc.unwrap_model(run.model)
     responses = generate_responses(unwrapped.policy, batch_prompts, run.gen_cfg, run.pad_id,
                                    run.eos_id, run.acc.device, synced=is_zero3(run.acc))
-    texts = run.tokenizer.batch_decode(responses, skip_special_tokens=True)
+    texts = decode_responses(run.tokenizer, responses, run.eos_id)
     scores = np.asarray(reward_fn(idx.copy(), list(texts), [list(r) for r in responses]),
                         dtype=np.float64)
     if scores.shape != (b_local,) or not np.all(np.isfinite(scores)):
