@@ -209,6 +209,12 @@ def load_task_data(cfg: CorpusSettings, test_fraction: float, seed: int) -> Task
         examples, source = load_dataset_examples(cfg, cfg.split, "corpus.split")
     if cfg.dataset is None or cfg.test_split is None:
         train, test = split_by_group(examples, test_fraction, seed)
+        if cfg.format != "text_prefix":  # one prompt in two groups: test keeps none of it
+            kept = test.filter(~pl.col("prompt").is_in(train["prompt"].implode()))
+            if kept.height < test.height:
+                log.info("%s: %d test rows dropped: their prompt is also a train row's", source,
+                         test.height - kept.height)
+            test = kept
         return TaskData(train, test, source, "group")
     if cfg.test_split == cfg.split:
         raise CorpusError(f"config key corpus.test_split ({cfg.test_split!r}) equals "

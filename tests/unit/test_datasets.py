@@ -609,3 +609,19 @@ def test_imdb_like_rows_are_reproducible():
     assert imdb_rows(5) == imdb_rows(5) and imdb_rows(5) != imdb_rows(5, seed=1)
     assert imdb_rows(3, split="test") != imdb_rows(3)
     assert tldr_rows(2)[0]["summary"].startswith(" ")
+
+
+def test_a_prompt_in_two_groups_never_reaches_test(tmp_path):
+    """Held-out groups split rows, not prompts: the same prompt under two topics would be in
+    both splits; the test side drops it."""
+    rows = [{"prompt": f"question {i}", "topic": f"t{i % 6}", "answer": "a"} for i in range(30)]
+    rows += [{"prompt": f"question {i}", "topic": f"t{(i + 1) % 6}", "answer": "b"}
+             for i in range(12)]
+    folder = write_parquet_folder(tmp_path / "d", {"train": rows})
+    s = settings({"format": "prompt", "dataset": str(folder), "group_column": "topic",
+                  "filter": None, "target_column": "answer"})
+    task = load_task_data(s.corpus, 0.3, seed=0)
+    assert task.test.height > 0
+    assert set(task.train["prompt"]).isdisjoint(set(task.test["prompt"]))
+    assert set(task.train["group"]).isdisjoint(set(task.test["group"]))
+    assert task.train.height + task.test.height < len(rows)  # the shared prompts left test
