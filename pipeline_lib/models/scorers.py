@@ -9,7 +9,6 @@ Every scorer maps (prompt, response) pairs to one float reward per pair:
 
 from __future__ import annotations
 
-import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,6 +21,7 @@ from pipeline_lib.io.conversation import prompt_messages
 from pipeline_lib.math.ensembles import ensemble, zscore_members
 from pipeline_lib.models.labels import config_section, read_output, scorer_label
 from pipeline_lib.models.loading import load_sequence_classifier, load_tokenizer
+from pipeline_lib.settings.config import check_scorer_input
 from pipeline_lib.settings.sections import (
     GoldSettings,
     RewardModelSettings,
@@ -52,24 +52,7 @@ class PairFormat:
                              f"({', '.join(INPUTS)})")
         if int(self.max_length) < 1:
             raise ValueError(f"config key {k}.max_length must be positive, got {self.max_length}")
-        if self.input != "template":
-            if self.template is not None:
-                raise ValueError(f"config key {k}.template is set but {k}.input is "
-                                 f"{self.input!r}; set {k}.input: template to use it")
-            return
-        if not self.template:
-            raise ValueError(f"config key {k}.template is required with {k}.input: template")
-        try:
-            fields = {f for _, f, _, _ in string.Formatter().parse(self.template)
-                      if f is not None}
-        except ValueError as exc:
-            raise ValueError(f"config key {k}.template: {exc}") from None
-        unknown = sorted(fields - {"prompt", "response"})
-        if unknown:
-            raise ValueError(f"config key {k}.template names {{{unknown[0]}}}; a template may "
-                             "name only {prompt} and {response}")
-        if "response" not in fields:
-            raise ValueError(f"config key {k}.template must contain {{response}}")
+        check_scorer_input(k, self.input, self.template)
 
     @classmethod
     def of(cls, settings: ScorerSettings | RewardModelSettings) -> PairFormat:

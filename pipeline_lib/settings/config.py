@@ -83,7 +83,7 @@ def _check_model_name(name: str, key: str, special: tuple[str, ...] = ()) -> Non
                           "model directory nor a Hugging Face hub id (name or org/name)")
 
 
-def _check_scorer_input(key: str, input_: str, template: str | None) -> None:
+def check_scorer_input(key: str, input_: str, template: str | None) -> None:
     """``<key>.input`` 'template' needs ``<key>.template`` with {response} (and {prompt}) and
     no other slot; a template is set only with input 'template'."""
     if input_ != "template":
@@ -119,13 +119,13 @@ def _check_models(s: Settings) -> None:
             raise ConfigError("config key gold.model is required when gold.type is 'hf' (a "
                               "sequence classifier by hub id or local directory)")
         _check_model_name(g.model, "gold.model")
-        _check_scorer_input("gold", g.input, g.template)
+        check_scorer_input("gold", g.input, g.template)
     elif g.input != "concat" or g.template is not None:
         raise ConfigError(f"config key gold.input: the {g.type} gold scorer reads prompt + "
                           "response as one text; input and template are for gold.type 'hf'")
     rm = s.reward_models
     _check_model_name(rm.base, "reward_models.base", ("sft",))
-    _check_scorer_input("reward_models", rm.input, rm.template)
+    check_scorer_input("reward_models", rm.input, rm.template)
     if not rm.seeds and not rm.pretrained:
         raise ConfigError("config key reward_models: the proxy ensemble has no member; set "
                           "reward_models.seeds and/or reward_models.pretrained")
@@ -137,7 +137,7 @@ def _check_models(s: Settings) -> None:
                               "ensemble (names must be unique and not seed<N>)")
         names.append(p.name)
         _check_model_name(p.model, f"{key}.model")
-        _check_scorer_input(key, p.input, p.template)
+        check_scorer_input(key, p.input, p.template)
     c = s.prs_compare
     if c.enabled:
         _check_model_name(c.model, "prs_compare.model", ("sft", "smollm2"))

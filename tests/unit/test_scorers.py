@@ -266,9 +266,9 @@ def test_chat_needs_a_chat_template(distilbert_dir):
 
 
 @pytest.mark.parametrize("template, message", [
-    (None, r"gold.template is required with gold.input: template"),
+    (None, r"gold.template is required with gold.input .template."),
     ("{prompt} says", r"gold.template must contain \{response\}"),
-    ("{prompt} {answer}", r"gold.template names \{answer\}"),
+    ("{prompt} {answer}", r"gold.template names slot \{answer\}"),
     ("{prompt {response}", r"gold.template: "),
 ])
 def test_bad_templates_are_refused_naming_the_key(template, message):
