@@ -168,17 +168,7 @@ def train_sft(
     world = acc.num_processes
     model_config = model.config
     max_length = int(cfg.max_length)
-    train, stats = encode_sft_examples(tokenizer, train_texts, train_prompts, max_length)
-    if stats["prompted"]:
-        log.info("sft: %d of %d train examples are (prompt, target) pairs, loss on the target: "
-                 "%d skipped without a target, %d skipped because the prompt fills "
-                 "sft.max_length (%d tokens), %d targets truncated", stats["prompted"],
-                 len(train_texts), stats["no_target"], stats["too_long"], max_length,
-                 stats["truncated"])
-    if not train:
-        raise ValueError(f"config key sft.max_length ({max_length}): no SFT example is left "
-                         f"({stats['too_long']} prompts fill it, {stats['no_target']} rows "
-                         "have no target)")
+    train = _train_examples(tokenizer, train_texts, train_prompts, max_length)
     val_examples, _ = encode_sft_examples(tokenizer, val_texts, val_prompts, max_length)
     val = [ids for ids, _ in val_examples]
     val_masked = [m for _, m in val_examples]
@@ -233,6 +223,24 @@ def train_sft(
         skip = 0
     bar.close()
     return tr.rows, unsharded_model(acc, tr.model, lambda: empty_model(model_config, "causal"))
+
+
+def _train_examples(tokenizer, texts: Sequence[str], prompts: Sequence[str | None] | None,
+                    max_length: int) -> list[tuple[list[int], int]]:
+    """The SFT train examples (:func:`encode_sft_examples`), saying in the log what the
+    (prompt, target) pairs lost; none left is an error naming ``sft.max_length``."""
+    train, stats = encode_sft_examples(tokenizer, texts, prompts, max_length)
+    if stats["prompted"]:
+        log.info("sft: %d of %d train examples are (prompt, target) pairs, loss on the target: "
+                 "%d skipped without a target, %d skipped because the prompt fills "
+                 "sft.max_length (%d tokens), %d targets truncated", stats["prompted"],
+                 len(texts), stats["no_target"], stats["too_long"], max_length,
+                 stats["truncated"])
+    if not train:
+        raise ValueError(f"config key sft.max_length ({max_length}): no SFT example is left "
+                         f"({stats['too_long']} prompts fill it, {stats['no_target']} rows "
+                         "have no target)")
+    return train
 
 
 def _sft_step(acc, tr: PreparedTrainer, train: list[tuple[list[int], int]], idx: np.ndarray,
