@@ -49,6 +49,7 @@ include: "workflow/rules/prs.smk"
 localrules:
     prompts,
     gather_samples,
+    import_cache,
     cdf,
     pairs,
     bon_curve,
@@ -57,11 +58,14 @@ localrules:
     chatterbot_dataset,
 
 
+# With an imported reference cache (reference_cache.source: import; no method runs): the CDFs
+# of the imported splits and, with a test file, the BoN curves; no model is trained.
 rule all:
     default_target: True
     input:
-        expand(f"{R}/cdf/{{split}}.parquet", split=SPLITS),
-        expand(f"{R}/logs/rm-seed{{seed}}.parquet", seed=RM_SEEDS),
+        expand(f"{R}/cdf/{{split}}.parquet", split=CACHE_SPLITS if IMPORT else SPLITS),
+        [] if IMPORT else expand(f"{R}/logs/rm-seed{{seed}}.parquet", seed=RM_SEEDS),
         expand(f"{R}/logs/train-{{policy}}.parquet", policy=RUNS),
-        f"{R}/summary.parquet",
+        ([f"{R}/eval/bon.parquet"] if "test" in CACHE_SPLITS else []) if IMPORT
+        else f"{R}/summary.parquet",
         [f"{R}/prs/compare.parquet"] if config["prs_compare"]["enabled"] else [],

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from pipeline_lib.generation.sampling import Response, SamplingParams, pad_batch, response_from_ids
+from pipeline_lib.math.logprobs import sampling_logprobs
 from pipeline_lib.models.encoding import eos_token_ids
 
 
@@ -59,12 +60,20 @@ def sequence_logprobs(
     device: torch.device | str = "cpu",
     batch_size: int = 256,
     per_token: bool = False,
+    params: SamplingParams | None = None,
+    keep_tokens: bool = False,
 ):
-    """Σ_t log π(y_t | x, y_<t) over each response, at temperature 1 (float64 array).
+    """Σ_t log π(y_t | x, y_<t) over each response under the *sampling distribution* of
+    ``params`` (temperature, top-p, top-k; ``None``: the model's own distribution, T = 1):
+    :func:`pipeline_lib.math.logprobs.sampling_logprobs` (float64 array).
 
+    A token outside the truncated (top-p / top-k) support scores ``-inf``; ``keep_tokens=True``
+    keeps the scored tokens in the support, for responses the model sampled itself with
+    ``params`` (round-off at the truncation boundary then never gives ``-inf``).
     Sequences are right-padded so that positions are 0..L-1 as in training. With
     ``per_token=True`` returns a list of per-token log-prob arrays instead.
     """
+    sp = SamplingParams() if params is None else params
     out = np.empty(len(prompt_ids), dtype=np.float64)
     tokens: list[np.ndarray] = []
     model.eval()
@@ -78,10 +87,12 @@ def sequence_logprobs(
             resp_mask[i, len(p) : len(f)] = True
         ids, attn = ids.to(device), attn.to(device)
         logits = model(input_ids=ids, attention_mask=attn).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        tok_logp = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        tok_logp = sampling_logprobs(logits[:, :-1], ids[:, 1:], sp.temperature, sp.top_p,
+                                     sp.top_k, keep_tokens=keep_tokens)
         mask = resp_mask[:, 1:].to(tok_logp.device)
-        out[start : start + len(full)] = (tok_logp * mask).sum(-1).double().cpu().numpy()
+        # where, not a product: a prompt or padding position may score -inf under truncation
+        tok_logp = torch.where(mask, tok_logp, torch.zeros_like(tok_logp))
+        out[start : start + len(full)] = tok_logp.sum(-1).double().cpu().numpy()
         if per_token:
             lp = tok_logp.double().cpu().numpy()
             for i, (p, f) in enumerate(zip(ps, full, strict=True)):

@@ -121,13 +121,23 @@ def prompt_preferences(prompts: pl.DataFrame) -> list[str | None]:
     return prompts["preference"].to_list()
 
 
-def hf_ref_logprob_fn(backend, batch_size: int = 256) -> RefLogprobFn:
-    """log pi_ref(y | x) with x encoded as every pipeline prompt (BOS + instruction)."""
+def hf_ref_logprob_fn(backend, batch_size: int = 256,
+                      params: SamplingParams | None = None) -> RefLogprobFn:
+    """log pi_ref(y | x) with x encoded as every pipeline prompt (BOS + instruction), under the
+    sampling distribution of ``params`` (``None``: temperature 1). PRS responses are not drawn
+    from pi_ref(. | x): under top-p / top-k one may lie outside its support, which is an error
+    (the log-prob would be -inf)."""
     tok = backend.tokenizer
 
     def ref(prompts: list[str], response_ids: list[list[int]]) -> np.ndarray:
-        return sequence_logprobs(backend.model, [encode_prompt(tok, p) for p in prompts],
-                                 response_ids, tok.pad_token_id, backend.device, batch_size)
+        out = sequence_logprobs(backend.model, [encode_prompt(tok, p) for p in prompts],
+                                response_ids, tok.pad_token_id, backend.device, batch_size,
+                                params=params)
+        if not np.all(np.isfinite(out)):
+            raise ValueError(
+                f"{int((~np.isfinite(out)).sum())} PRS response(s) lie outside pi_ref's top-p/"
+                "top-k support, so log pi_ref(y | x) = -inf; use top_p = 1 and top_k = 0")
+        return out
 
     return ref
 
@@ -219,8 +229,9 @@ def generate_prs_table(
     batch_size: int | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """PRS for every prompt of a prompts table with an :class:`HFBackend`: the two tables of
-    :func:`prs_samples_table`, ``ref_logprob`` from the backend's model (= pi_ref)."""
+    :func:`prs_samples_table`, ``ref_logprob`` from the backend's model (= pi_ref) under the
+    sampling distribution of ``params``."""
     gen = HFTextGenerator(backend, cfg.use_chat_template, params=params, batch_size=batch_size)
     results = prs_sample(gen, score_fn, prompts["prompt"].to_list(), prompt_preferences(prompts),
                          cfg, seed)
-    return prs_samples_table(prompts, results, hf_ref_logprob_fn(backend))
+    return prs_samples_table(prompts, results, hf_ref_logprob_fn(backend, params=params))

@@ -46,11 +46,18 @@ SCHEMAS: dict[str, pa.Schema] = {
             _f("prompt_id", pa.string()),
             _f("sample_idx", pa.int32(), doc="0..M-1 within the prompt"),
             _f("prompt", pa.string()),
-            _f("response", pa.string(), doc="decoded continuation (prompt excluded)"),
-            _f("response_token_ids", pa.list_(pa.int32()), doc="generated ids incl. a final EOS"),
-            _f("n_tokens", pa.int32(), doc="len(response_token_ids)"),
-            _f("finished", pa.bool_(), doc="generation ended with EOS before max_new_tokens"),
-            _f("ref_logprob", pa.float64(), doc="sum of log pi_ref(token) over the response"),
+            # null only in an imported cache (reference_cache.source: import) whose format
+            # lacks them; every sampled cache fills them
+            _f("response", pa.string(), nullable=True,
+               doc="decoded continuation (prompt excluded); null: an imported cache without texts"),
+            _f("response_token_ids", pa.list_(pa.int32()), nullable=True,
+               doc="generated ids incl. a final EOS; null: imported cache"),
+            _f("n_tokens", pa.int32(), nullable=True,
+               doc="len(response_token_ids); null: imported cache"),
+            _f("finished", pa.bool_(), nullable=True,
+               doc="generation ended with EOS before max_new_tokens; null: imported cache"),
+            _f("ref_logprob", pa.float64(), nullable=True,
+               doc="sum of log pi_ref(token) over the response; null: imported cache"),
             _f("strategy", pa.string(), doc="sampling strategy: random or prs"),
             _f("layer", pa.int8(), doc="PRS layer (0 for random sampling)"),
             _f("parent_idx", pa.int32(), doc="PRS parent sample_idx, -1 if none"),
@@ -199,6 +206,10 @@ SCHEMAS: dict[str, pa.Schema] = {
                doc="gold win rate against the reference's proxy-best of win_rate_n"),
             _f("win_rate_n", pa.int32()),
             _f("pareto", pa.bool_(), doc="on the (KL, gold) Pareto frontier of this table"),
+            # the sampling distribution that pi and pi_ref (and so kl, kl_k3) refer to
+            _f("temperature", pa.float64(), doc="generation.temperature of pi and pi_ref"),
+            _f("top_p", pa.float64(), doc="generation.top_p (1 = no nucleus truncation)"),
+            _f("top_k", pa.int32(), doc="generation.top_k (0 = no top-k truncation)"),
         ]
     ),
     "prs_samples": pa.schema(
@@ -234,7 +245,8 @@ SCHEMAS: dict[str, pa.Schema] = {
 }
 
 
-# Float columns where NaN or +-inf is an error on write and on read.
+# Float columns where NaN or +-inf is an error on write and on read (a null of a nullable
+# column is no value and passes).
 FINITE_COLUMNS: dict[str, tuple[str, ...]] = {
     "samples": ("ref_logprob",),
     "rewards": ("reward",),

@@ -28,6 +28,8 @@ def _check_finite(table: pa.Table, name: str, path: str | os.PathLike) -> None:
         arr = table.column(col)
         values = arr.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
         bad = ~np.isfinite(values)
+        if arr.null_count:  # a null (nullable column) is no value, not a non-finite one
+            bad &= ~arr.is_null().to_numpy(zero_copy_only=False)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             raise SchemaError(

@@ -46,6 +46,7 @@ def check_config(config: Mapping[str, Any]) -> Settings:
     if s.generation.backend == "vllm":
         _check_vllm(s.generation.temperature)
     check_launch(s.training.launch, s.training.ppo, s.methods.values())
+    check_reference_cache(s)
     if base == "scratch" and s.policy.n_embd % s.policy.n_head:
         raise ConfigError(
             f"config key policy.n_embd ({s.policy.n_embd}) must be divisible by policy.n_head "
@@ -141,6 +142,47 @@ def _check_models(s: Settings) -> None:
     c = s.prs_compare
     if c.enabled:
         _check_model_name(c.model, "prs_compare.model", ("sft", "smollm2"))
+
+
+def check_reference_cache(s: Settings) -> None:
+    """``reference_cache.source: import``: a format, an existing file per imported split, the
+    gold and proxy columns the stages read, and no method run (an imported cache has no
+    reference log-probs or token ids, and no reward models to score a policy's samples)."""
+    c = s.reference_cache
+    if not c.imported:
+        return
+    key = "config key reference_cache"
+    if c.format is None:
+        raise ConfigError(f"{key}.format is required with reference_cache.source 'import' "
+                          "(vbon_samples, vbon_prompts or ensembles)")
+    if not c.splits():
+        raise ConfigError(f"{key}.files: no file; reference_cache.source 'import' reads "
+                          "files.train and/or files.test")
+    for split in c.splits():
+        if not Path(c.files.of(split)).expanduser().exists():
+            raise ConfigError(f"{key}.files.{split}: {c.files.of(split)!r} does not exist")
+    if not c.proxies:
+        raise ConfigError(f"{key}.proxies is empty: name at least one proxy column (member "
+                          "rm-<name>), e.g. {reward: reward}; the CDFs and BoN curves select by it")
+    if c.files.test and c.gold is None:
+        raise ConfigError(f"{key}.gold is null but files.test is set: the BoN curves of the "
+                          "test cache need a gold column (it may also be a proxy column)")
+    if s.cdf.normalize and not c.files.train:
+        raise ConfigError("config key cdf.normalize is true but reference_cache.files.train is "
+                          "null: the z-normalisation reads the imported train cache")
+    for name, run in s.methods.items():
+        if run.uses_pairs:
+            need = ("trains on best/worst-of-n pairs, which need the reference log-probs "
+                    "(samples column ref_logprob) and token ids (response_token_ids) of the "
+                    "cached samples")
+        else:
+            need = ("trains a policy by PPO, which samples from pi_ref and scores its samples "
+                    "with the proxy reward models; an imported cache has rewards, not reward "
+                    "models, and no reference log-probs (samples column ref_logprob)")
+        raise ConfigError(
+            f"config key methods: run {name!r} (method {run.method}) {need}; the "
+            f"{c.format} cache imported by reference_cache has none. Remove the run "
+            "(methods: []) or set reference_cache.source: generate")
 
 
 def sft_target_problem(cfg: CorpusSettings) -> str | None:

@@ -190,6 +190,43 @@ class SamplingSettings:
 
 
 @dataclass(frozen=True)
+class CacheFiles:
+    """``reference_cache.files``: the published cache file of each split (None: generated)."""
+
+    train: str | None
+    test: str | None
+
+    def of(self, split: str) -> str | None:
+        if split not in ("train", "test"):
+            raise ConfigError(f"config key reference_cache.files has no split {split!r}")
+        return getattr(self, split)
+
+
+@dataclass(frozen=True)
+class ReferenceCacheSettings:
+    """``reference_cache``: the reference cache is generated (sample, gather, score) or
+    imported from a published cache file per split (format, files, and which columns hold the
+    prompt, the response, the gold reward and each proxy member ``rm-<name>``)."""
+
+    source: str
+    format: str | None
+    files: CacheFiles
+    prompt_column: str
+    prompt_template: str | None
+    response_column: str | None
+    gold: str | None
+    proxies: Mapping[str, str]
+
+    @property
+    def imported(self) -> bool:
+        return self.source == "import"
+
+    def splits(self) -> list[str]:
+        """The splits read from a file (none unless imported)."""
+        return [s for s in ("train", "test") if self.imported and self.files.of(s)]
+
+
+@dataclass(frozen=True)
 class PRSSettings:
     """``prs``: the PRS tree (layers, widths, preference, templates)."""
 
@@ -438,6 +475,7 @@ class Settings:
     sft: SFTSettings
     generation: GenerationSettings
     sampling: SamplingSettings
+    reference_cache: ReferenceCacheSettings
     prs: PRSSettings
     prs_compare: PRSCompareSettings
     gold: GoldSettings

@@ -20,7 +20,13 @@ from pipeline_lib.models.scorers import gold_scorer
 from pipeline_lib.settings.methods import MethodRun, kl_coefficient
 from pipeline_lib.settings.sections import Settings
 from pipeline_lib.stages.common import PathLike, StageError, provenance, setup_job
-from pipeline_lib.stages.generate import generate_table, make_backend, policy_source
+from pipeline_lib.stages.generate import (
+    generate_table,
+    make_backend,
+    policy_source,
+    sampling_columns,
+    sampling_params,
+)
 from pipeline_lib.stages.reward_cache import (
     cache_matrices,
     configured_objective_name,
@@ -78,7 +84,9 @@ def run_evaluate(
         "win_rate_ref": win_rate(pol_gold, ref_gold),
         "win_rate_bon": win_rate_vs_bon(pol_gold, ref_proxy, ref_gold, n_bon),
         "win_rate_n": n_bon, "pareto": False,
-    }], schema_overrides={"beta": pl.Float64, "n": pl.Int32, "win_rate_n": pl.Int32})
+        **sampling_columns(s),
+    }], schema_overrides={"beta": pl.Float64, "n": pl.Int32, "win_rate_n": pl.Int32,
+                          "top_k": pl.Int32})
     log.info("evaluation %s: %s", name, summary.row(0, named=True))
     write_table(summary, summary_out, "eval_summary", provenance(s, "evaluate", policy=name))
 
@@ -88,18 +96,33 @@ def policy_samples(s: Settings, name: str, policy_dir: PathLike, reference_dir: 
                    train_rewards: PathLike, device) -> pl.DataFrame:
     """The ``eval_samples`` rows of one policy: K samples per prompt (the same seed for every
     policy), their gold and proxy rewards, sequence log-probs under the policy and the
-    reference, and the summed per-token k3."""
+    reference — both their sampling distributions at ``generation``'s temperature, top-p and
+    top-k, the distributions the KL axis refers to — and the summed per-token k3."""
     backend = make_backend(s, policy_dir, device)
     table = generate_table(backend, prompts, None, s.evaluation.samples_per_prompt,
                            s.generation, s.seed, "eval")
     tok = backend.tokenizer
     prompt_ids = [encode_prompt(tok, t) for t in table["prompt"]]
     responses = table["response_token_ids"].to_list()
+    # π and π_ref are the sampling distributions (temperature, top-p, top-k of `generation`);
+    # the policy scores its own samples, so they stay in its support (keep_tokens)
+    params = sampling_params(s.generation)
     pol_tok = sequence_logprobs(backend.model, prompt_ids, responses, tok.pad_token_id, device,
-                                per_token=True)
-    ref_model = load_causal_lm(policy_source(s, reference_dir), device, "policy")
-    ref_tok = sequence_logprobs(ref_model, prompt_ids, responses, tok.pad_token_id, device,
-                                per_token=True)
+                                per_token=True, params=params, keep_tokens=True)
+    ref_source = policy_source(s, reference_dir)
+    if policy_source(s, policy_dir) == ref_source:  # the reference itself: KL 0 exactly
+        ref_tok = [a.copy() for a in pol_tok]
+    else:
+        ref_model = load_causal_lm(ref_source, device, "policy")
+        ref_tok = sequence_logprobs(ref_model, prompt_ids, responses, tok.pad_token_id, device,
+                                    per_token=True, params=params)
+    outside = sum(int(np.isneginf(a).sum()) for a in ref_tok)
+    if outside:
+        raise StageError(
+            f"evaluate {name}: {outside} sampled token(s) lie outside pi_ref's top-p/top-k "
+            f"support (generation.top_p = {params.top_p}, generation.top_k = {params.top_k}), "
+            "so KL(pi || pi_ref) between the sampling distributions is infinite; evaluate "
+            "policies with generation.top_p = 1 and generation.top_k = 0")
     # k3 per token on the policy's own samples, summed over each response
     k3 = np.array([float(np.sum(kl_k3(p, r))) for p, r in zip(pol_tok, ref_tok, strict=True)])
     pairs = table["prompt"].to_list(), table["response"].to_list()

@@ -41,6 +41,13 @@ def sampling_params(g: GenerationSettings) -> SamplingParams:
                           max_new_tokens=g.max_new_tokens)
 
 
+def sampling_columns(s: Settings) -> dict[str, float | int]:
+    """The summary's record of the sampling distribution that π and π_ref — and so every KL
+    of the row — refer to: ``generation``'s temperature, top_p and top_k."""
+    g = s.generation
+    return {"temperature": float(g.temperature), "top_p": float(g.top_p), "top_k": int(g.top_k)}
+
+
 PolicySource = PathLike | ModelRef
 
 
@@ -106,7 +113,8 @@ def generate_table(
 ) -> pl.DataFrame:
     """Sample ``m`` responses for the prompts of the groups covering ``indices`` (groups of
     ``g.batch_size`` sequences, seeded from ``seed`` and ``split``); returns rows of the
-    ``samples`` schema with reference log-probs."""
+    ``samples`` schema with the log-probs of the backend's model under the sampling
+    distribution of ``g`` (the reference log-probs when the model is π_ref)."""
     tok = backend.tokenizer
     prompt_texts = prompts["prompt"].to_list()
     prompt_ids = [encode_prompt(tok, t) for t in prompt_texts]
@@ -114,11 +122,14 @@ def generate_table(
     if indices is not None:
         wanted = set(indices)
         groups = [grp for grp in groups if grp.start in wanted]
-    sampled = sample_groups(backend, prompt_ids, groups, m, sampling_params(g), seed, split)
+    params = sampling_params(g)
+    sampled = sample_groups(backend, prompt_ids, groups, m, params, seed, split)
     order = sorted(sampled)
     flat = [(i, j, r) for i in order for j, r in enumerate(sampled[i])]
+    # log-probs under the distribution that drew them (temperature, top-p, top-k)
     ref = sequence_logprobs(backend.model, [prompt_ids[i] for i, _, _ in flat],
-                            [r.token_ids for _, _, r in flat], tok.pad_token_id, backend.device)
+                            [r.token_ids for _, _, r in flat], tok.pad_token_id, backend.device,
+                            params=params, keep_tokens=True)
     ids = prompts["prompt_id"].to_list()
     return pl.DataFrame(
         {

@@ -13,6 +13,7 @@ from pipeline_lib.math.winrate import pareto_frontier
 from pipeline_lib.settings.sections import Settings
 from pipeline_lib.stages.common import PathLike, provenance
 from pipeline_lib.stages.figures import plot_bon_curves, plot_kl_gold, plot_win_rates
+from pipeline_lib.stages.generate import sampling_columns
 from pipeline_lib.stages.reward_cache import configured_objective_name
 
 
@@ -32,6 +33,8 @@ def summary_table(config: Settings | Mapping[str, Any], evals: Sequence[PathLike
         pl.lit("bon_analytic").alias("kl_estimator"), pl.lit(None, pl.Float64).alias("kl_k3"),
         pl.col("win_rate_ref"), pl.lit(None, pl.Float64).alias("win_rate_bon"),
         pl.lit(rows["win_rate_n"][0], pl.Int32).alias("win_rate_n"), pl.lit(False).alias("pareto"),
+        # BoN's KL refers to pi_ref at the cache's sampling distribution (generation section)
+        *(pl.lit(v).alias(k) for k, v in sampling_columns(s).items()),
     ).with_columns(pl.when(pl.col("n") == 1).then(None).otherwise(pl.col("beta")).alias("beta"))
     table = pl.concat([rows, bon_rows.cast(rows.schema)])
     front = pareto_frontier(table["kl"].to_numpy(), table["gold"].to_numpy())

@@ -129,6 +129,9 @@ def train_job(
             method=run.method, beta=float(run.beta or 0.1), n=int(run.n), alpha=float(run.alpha),
             label_smoothing=float(run.label_smoothing), bonbon_variant=run.bonbon_variant,
             device=s.device, **{**as_dict(s.training.preference), **run.overrides},
+            # the cached reference log-probs of the pairs are at generation's sampling settings
+            temperature=s.generation.temperature, top_p=s.generation.top_p,
+            top_k=s.generation.top_k,
         )
         rows, model = train_preference(policy, tokenizer, read_polars(pairs_path, "pairs"), pc,
                                        seed=train_seed, checkpoint_dir=ckpt, on_log=on_log)

@@ -3,8 +3,10 @@
 One trainer serves the four methods of ``docs/METHODS.md`` ("Preference losses"). Pairs come from the
 reference cache (:func:`bon_pairs`), which also carries the *reference* log-probabilities
 ``log pi_ref(y|x)`` of every response (summed over the response tokens, EOS included, given
-``encode_prompt(prompt)``, at temperature 1), so no reference model is held in memory: the
-policy log-ratio is ``h(y) = log pi_theta(y|x) - ref_logprob(y)``.
+``encode_prompt(prompt)``, under the sampling distribution of ``generation``: logits /
+temperature), so no reference model is held in memory: the policy log-ratio is
+``h(y) = log pi_theta(y|x) - ref_logprob(y)``, with the policy's log-probs at the same
+temperature (``PreferenceConfig.temperature``; top-p / top-k truncation is refused).
 
 Policy log-probabilities are computed on exactly the cached token ids (never re-tokenised text),
 with the same convention as :func:`pipeline_lib.generation.hf.sequence_logprobs`: right-padded
@@ -251,7 +253,8 @@ def _train_step(run: _Run) -> _Batch:
     nb = len(local)
     prompts = [data.prompt_ids[i] for i in local]
     responses = [data.chosen_ids[i] for i in local] + [data.rejected_ids[i] for i in local]
-    logps = policy_logprobs(run.model, prompts + prompts, responses, run.pad_id, acc.device)
+    logps = policy_logprobs(run.model, prompts + prompts, responses, run.pad_id, acc.device,
+                            float(cfg.temperature))
     logps = logps.double()
     pc, pr = logps[:nb], logps[nb:]
     rc, rr = run.ref_c[local].to(logps.device), run.ref_r[local].to(logps.device)

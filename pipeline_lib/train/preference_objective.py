@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline_lib.generation.sampling import pad_batch
+from pipeline_lib.math.logprobs import check_sampling, sampling_logprobs, truncates
 from pipeline_lib.math.losses import (
     BONBON_VARIANTS,
     bonbon_beta,
@@ -29,7 +30,10 @@ class PreferenceConfig:
     ``beta`` is the DPO/IPO coefficient; BoNBoN uses beta* = ``bonbon_beta(n)`` unless
     ``beta_override`` is set. ``n`` is the BoN size the pairs were built with (BoNBoN only; if
     the pairs carry an ``n`` column it must agree). ``max_grad_norm`` clips the global gradient
-    norm (``None`` or 0 disables clipping).
+    norm (``None`` or 0 disables clipping). ``temperature``, ``top_p`` and ``top_k`` are those
+    of ``generation``: the policy's log-probs are taken under the sampling distribution, as the
+    cached reference log-probs of the pairs are; truncation (``top_p < 1`` or ``top_k > 0``) is
+    refused (once the policy's own support moves, log π of a cached response is -inf).
     """
 
     method: str  # dpo | ipo | bonbon | bon_sft
@@ -51,8 +55,18 @@ class PreferenceConfig:
     log_every: int = 1
     mixed_precision: str = "no"
     device: str = "auto"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
 
     def __post_init__(self) -> None:
+        check_sampling(self.temperature, self.top_p, self.top_k)
+        if truncates(self.top_p, self.top_k):
+            raise ValueError(
+                f"top_p = {self.top_p} / top_k = {self.top_k} truncate the sampling "
+                "distribution: a cached response outside the policy's truncated support has "
+                "log pi = -inf and the loss is undefined; preference training needs top_p = 1 "
+                "and top_k = 0 (any temperature is fine)")
         if self.method not in PREFERENCE_METHODS:
             raise ValueError(f"method must be one of {PREFERENCE_METHODS}, got {self.method!r}")
         if self.bonbon_variant not in BONBON_VARIANTS:
@@ -138,12 +152,14 @@ def policy_logprobs(
     response_ids: Sequence[Sequence[int]],
     pad_id: int,
     device: torch.device | str = "cpu",
+    temperature: float = 1.0,
 ) -> torch.Tensor:
-    """Σ_t log π(y_t | x, y_<t) over each response in one right-padded forward pass.
+    """Σ_t log π(y_t | x, y_<t) over each response in one right-padded forward pass, under
+    the sampling distribution at ``temperature`` (logits / T; no truncation).
 
     Differentiable (the caller decides about ``no_grad``); float32 of shape (B,). Same
     convention as :func:`pipeline_lib.generation.hf.sequence_logprobs`, which is its no-grad,
-    float64 twin used to fill the reference cache.
+    float64 twin used to fill the reference cache (with the same sampling parameters).
     """
     if any(len(p) < 1 for p in prompt_ids):
         raise ValueError("every prompt needs at least one token (BOS) to condition on")
@@ -152,6 +168,9 @@ def policy_logprobs(
     logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
     logits = logits[:, :-1].float()
     target = labels[:, 1:]
+    if temperature != 1.0:
+        tok = sampling_logprobs(logits, target.clamp(min=0), float(temperature))
+        return torch.where(target != -100, tok, torch.zeros_like(tok)).sum(-1)
     nll = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
         reduction="none",

@@ -349,7 +349,7 @@ def test_tiny_cpu_rules_are_local_and_gpu_rules_benchmarked(tmp_path):
     assert {j["rule"] for j in jobs} == LOCAL_RULES | GPU_RULES
     # a dry run does not say which jobs are local (a SLURM run does: test_slurm.py)
     block = re.search(r"^localrules:\n((?:    \w+,?\n)+)", (ROOT / "Snakefile").read_text(), re.M)
-    assert set(re.findall(r"\w+", block[1])) == LOCAL_RULES | {"chatterbot_dataset"}  # not in tiny
+    assert set(re.findall(r"\w+", block[1])) == LOCAL_RULES | {"chatterbot_dataset", "import_cache"}  # not in tiny
     for job in jobs:
         if job["rule"] in GPU_RULES:
             assert re.fullmatch(r"results/tiny/benchmarks/[\w.-]+\.tsv", job["benchmark"]), job

@@ -17,6 +17,10 @@ GPUS = 0 if config["device"] == "cpu" else 1
 # by name (hub id or local directory).
 SFT = config["sft"]["enabled"]
 TRAIN_GPUS = 0 if config["device"] == "cpu" else config["training"]["launch"]["num_processes"]
+# reference_cache.source import: rule import_cache makes samples/{split}.parquet and
+# rewards/{split}.parquet of the splits with a file (CACHE_SPLITS); the others are generated.
+IMPORT = config["reference_cache"]["source"] == "import"
+CACHE_SPLITS = [s for s in SPLITS if IMPORT and config["reference_cache"]["files"][s]]
 
 
 wildcard_constraints:

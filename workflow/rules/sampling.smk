@@ -54,3 +54,28 @@ rule score:
         gpu=GPUS,
     script:
         "../scripts/score.py"
+
+
+# reference_cache.source import: a published cache instead of sample -> gather_samples ->
+# score, for the splits with a file (the split constraint matches no split otherwise, so the
+# generating rules alone make these files and the plan is unchanged).
+ruleorder: import_cache > gather_samples
+ruleorder: import_cache > score
+
+
+rule import_cache:
+    """A published reward cache file as one split's samples and rewards tables (no token ids or
+    reference log-probs; strategy random)."""
+    input:
+        cache=lambda wc: config["reference_cache"]["files"][wc.split],
+    output:
+        samples=f"{R}/samples/{{split}}.parquet",
+        rewards=f"{R}/rewards/{{split}}.parquet",
+    wildcard_constraints:
+        split=alternatives(CACHE_SPLITS),
+    params:
+        cfg={**section("reference_cache"), **only("sampling", "M")},
+    log:
+        f"{R}/logs/import_cache-{{split}}.log",
+    script:
+        "../scripts/import_cache.py"

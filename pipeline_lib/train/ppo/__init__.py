@@ -12,8 +12,9 @@ Per step (one PPO iteration, docs/METHODS.md "KL-constrained RLHF"):
 
 1. **Rollout.** ``rollout_batch_size`` prompt indices are taken from a seeded, shuffled order that
    is cycled through (re-shuffled after each pass). Prompts are ``encode_prompt`` ids (BOS + text),
-   left-padded for ``generate`` (sampling with ``temperature``/``top_p``, ``top_k = 0``, i.e. no
-   top-k truncation). Each response is cut after its first EOS (the EOS is kept); an unfinished
+   left-padded for ``generate`` (sampling with ``temperature``; ``top_p = 1`` and ``top_k = 0``:
+   :class:`PPOConfig` refuses truncation, under which the KL penalty to the truncated reference
+   is infinite as soon as the policy samples outside its support). Each response is cut after its first EOS (the EOS is kept); an unfinished
    response keeps all ``max_new_tokens`` tokens.
 2. **Scoring.** Responses are decoded (``skip_special_tokens=True``) and passed to
    ``reward_fn(prompt_indices, response_texts, response_ids) -> float64 array (B,)``.
@@ -22,10 +23,11 @@ Per step (one PPO iteration, docs/METHODS.md "KL-constrained RLHF"):
    reference (a deep copy of the policy taken before training). Token y_j of a response that
    starts at position P is scored by the logits at position P + j - 1; the value V_j is the value
    head applied to the last hidden state at the same position (the state *before* emitting y_j).
-   Log-probs use ``logits / temperature`` for both policy and reference, the TRL convention, so
-   that the ratio and the KL refer to the distribution that was actually sampled; with the
-   default ``temperature = 1`` these are the plain model log-probs. ``top_p < 1`` is *not*
-   reflected in the log-probs (as in TRL).
+   Log-probs are those of the sampling distribution
+   (:func:`pipeline_lib.math.logprobs.sampling_logprobs`: ``logits / temperature``) for the
+   policy, the old policy and the reference, so that the ratio and the KL penalty refer to the
+   distributions that are sampled, the same π and π_ref as the cache and the evaluation; with
+   the default ``temperature = 1`` these are the plain model log-probs.
 4. **Rewards and advantages.** :func:`~pipeline_lib.math.ppo_math.token_rewards` (per-token KL
    penalty -beta (log pi - log pi_ref), sequence reward at the last response token, optional
    clipping), :func:`~pipeline_lib.math.ppo_math.gae_advantages` (gamma, lambda) and, optionally,
@@ -38,7 +40,7 @@ Per step (one PPO iteration, docs/METHODS.md "KL-constrained RLHF"):
 
 **BOND mix (``sft_weight = w > 0`` with ``sft_examples``).** Each update also draws a minibatch
 of (prompt ids, response ids) best-of-n examples and computes the *summed* (over response tokens,
-at temperature 1) negative log-likelihood, averaged over the minibatch. The loss becomes
+under the same sampling distribution) negative log-likelihood, averaged over the minibatch. The loss becomes
 
     L = (1 - w) * L_PPO + w * NLL_mean      (= losses.bond_loss(NLL, L_PPO, 1 - w)),
 
@@ -71,7 +73,7 @@ per-token entropy of the sampling policy), ``kl_coef`` (the beta used for this r
 ``lr``, ``clipfrac``, ``value_clipfrac``, ``approx_kl``, ``grad_norm`` (before clipping),
 ``sft_nll`` (mean summed NLL of the SFT minibatches; None without the BOND term),
 ``response_length`` (mean tokens, EOS included), ``prompts_seen`` and ``elapsed_s``. KL and
-entropy use the tempered log-probs (identical to the model's at ``temperature = 1``).
+entropy use the sampling distribution's log-probs (the model's own at ``temperature = 1``).
 
 Nothing assumes a GPU: ``accelerate`` places the model and applies mixed precision;
 ``accelerate``'s state is process-global, so one process cannot switch ``mixed_precision``

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline_lib.math.logprobs import truncates
+
 RewardFn = Callable[[np.ndarray, list[str], list[list[int]]], np.ndarray]
 
 
@@ -39,7 +41,7 @@ class PPOConfig:
     whiten_advantages: bool = True
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0  # 0 = no top-k truncation (the log-probs assume none)
+    top_k: int = 0  # 0 = no top-k truncation; truncation (top_p < 1, top_k > 0) is refused
     max_new_tokens: int = 32
     trainable_top_layers: int | None = None  # None = train all parameters
     sft_weight: float = 0.0  # BOND: weight w of the forward-KL SFT term
@@ -74,6 +76,11 @@ class PPOConfig:
         need(self.temperature > 0, "temperature must be > 0")
         need(0.0 < self.top_p <= 1.0, "top_p must lie in (0, 1]")
         need(int(self.top_k) >= 0, "top_k must be >= 0")
+        need(not truncates(self.top_p, int(self.top_k)),
+             f"top_p = {self.top_p} / top_k = {self.top_k} truncate the sampling distribution: "
+             "a token the policy samples outside pi_ref's truncated support has pi_ref = 0, so "
+             "the KL penalty is infinite; KL-regularised training needs top_p = 1 and "
+             "top_k = 0 (any temperature is fine)")
         need(int(self.max_new_tokens) >= 1, "max_new_tokens must be >= 1")
         need(
             self.trainable_top_layers is None or int(self.trainable_top_layers) >= 0,

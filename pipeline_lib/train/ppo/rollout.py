@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from pipeline_lib.generation.sampling import pad_batch, trim_at_eos
+from pipeline_lib.math.logprobs import sampling_logits, sampling_logprobs
 from pipeline_lib.math.ppo_math import (
     entropy_from_logits,
 )
@@ -93,9 +94,15 @@ def at_response(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index)
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log-softmax of ``logits`` at ``tokens`` (the log-prob of each token)."""
-    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, cfg: PPOConfig | None = None
+                   ) -> torch.Tensor:
+    """The log-prob of each token under the sampling distribution of ``cfg`` (temperature,
+    top-p, top-k; ``None``: the model's own, log-softmax of ``logits``), the one definition of
+    π and π_ref: :func:`pipeline_lib.math.logprobs.sampling_logprobs`."""
+    if cfg is None:
+        return sampling_logprobs(logits, tokens)
+    return sampling_logprobs(logits, tokens, float(cfg.temperature), float(cfg.top_p),
+                             int(cfg.top_k))
 
 
 def generation_config(cfg: PPOConfig, tokenizer, pad_id: int, eos_ids: Sequence[int]):
@@ -132,10 +139,12 @@ def generate_responses(policy, prompt_ids: Sequence[Sequence[int]], gen_cfg, pad
     return [trim_at_eos(g, eos_id) for g in out[:, width:].cpu().tolist()]
 
 
-def sequence_nll(model: PolicyWithValueHead, batch: RolloutBatch) -> torch.Tensor:
-    """Summed (over response tokens) negative log-likelihood at temperature 1, shape (B,)."""
+def sequence_nll(model: PolicyWithValueHead, batch: RolloutBatch,
+                 cfg: PPOConfig | None = None) -> torch.Tensor:
+    """Summed (over response tokens) negative log-likelihood, shape (B,), under the sampling
+    distribution of ``cfg`` (``None``: temperature 1), like every other log-prob of the run."""
     logits, _ = model(batch.input_ids, batch.attention_mask)
-    logp = token_logprobs(at_response(logits, batch.pos).float(), batch.resp_ids)
+    logp = token_logprobs(at_response(logits, batch.pos).float(), batch.resp_ids, cfg)
     return -(logp * batch.mask).sum(dim=1)
 
 
@@ -161,8 +170,10 @@ def sft_nll(policy, examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad
 
 
 @torch.no_grad()
-def score_rollout(model, ref, batch: RolloutBatch, temperature: float, chunk: int, acc):
-    """Old log-probs, values, reference log-probs (B, T) and the summed token entropy."""
+def score_rollout(model, ref, batch: RolloutBatch, cfg: PPOConfig, chunk: int, acc):
+    """Old log-probs, values, reference log-probs (B, T) — policy and reference both under
+    the sampling distribution of ``cfg`` — and the summed token entropy of the policy's
+    sampling distribution."""
     logps, values, ref_logps = [], [], []
     ent_sum = 0.0
     n = batch.input_ids.shape[0]
@@ -172,11 +183,12 @@ def score_rollout(model, ref, batch: RolloutBatch, temperature: float, chunk: in
         ids, attn = batch.input_ids[rows, :width], batch.attention_mask[rows, :width]
         pos, toks, mask = batch.pos[rows], batch.resp_ids[rows], batch.mask[rows]
         logits, vals = model(ids, attn)
-        logits = at_response(logits, pos).float() / temperature
-        logps.append(token_logprobs(logits, toks))
+        logits = at_response(logits, pos).float()
+        logps.append(token_logprobs(logits, toks, cfg))
         values.append(at_response(vals, pos))
-        ent_sum += float(entropy_from_logits(logits, mask)) * float(mask.sum())
+        warped = sampling_logits(logits, float(cfg.temperature))  # no truncation in PPO
+        ent_sum += float(entropy_from_logits(warped, mask)) * float(mask.sum())
         with acc.autocast():
             ref_logits = ref(input_ids=ids, attention_mask=attn, use_cache=False).logits
-        ref_logps.append(token_logprobs(at_response(ref_logits, pos).float() / temperature, toks))
+        ref_logps.append(token_logprobs(at_response(ref_logits, pos).float(), toks, cfg))
     return torch.cat(logps), torch.cat(values), torch.cat(ref_logps), ent_sum

@@ -149,7 +149,7 @@ def collect_rollout(run: PPORun, reward_fn: RewardFn) -> Rollout:
             + ("" if scores.shape != (b_local,) else " with non-finite values"))
     batch = make_batch(batch_prompts, responses, run.pad_id).to(run.acc.device)
     old_logp, old_values, ref_logp, ent_sum = score_rollout(
-        run.model, run.ref, batch, float(cfg.temperature), int(cfg.minibatch_size) // run.world,
+        run.model, run.ref, batch, cfg, int(cfg.minibatch_size) // run.world,
         run.acc)
     return Rollout(batch, scores, old_logp, old_values, ref_logp, ent_sum, st.kl_ctl.value)
 
@@ -201,8 +201,7 @@ def _minibatch_step(run: PPORun, r: Rollout, adv, returns, rows_idx, stats) -> N
     sub = r.batch.rows(rows_idx)
     t_len = sub.mask.shape[1]
     logits, values = run.model(sub.input_ids, sub.attention_mask)
-    logits = at_response(logits, sub.pos).float() / float(cfg.temperature)
-    logp = token_logprobs(logits, sub.resp_ids)
+    logp = token_logprobs(at_response(logits, sub.pos).float(), sub.resp_ids, cfg)
     values = at_response(values, sub.pos)
     pl, clipfrac, approx_kl = ppo_policy_loss(
         logp, r.old_logp[rows_idx, :t_len], adv[rows_idx, :t_len], sub.mask, cfg.clip)
@@ -215,7 +214,7 @@ def _minibatch_step(run: PPORun, r: Rollout, adv, returns, rows_idx, stats) -> N
         take = run.state.sft_cycler.take(mb, run.state.rng)[rank_slice(mb, run.rank, run.world)]
         ex = [run.sft_examples[i] for i in take]
         sft_batch = make_batch([p for p, _ in ex], [y for _, y in ex], run.pad_id)
-        nll = sequence_nll(run.model, sft_batch.to(acc.device)).mean()
+        nll = sequence_nll(run.model, sft_batch.to(acc.device), cfg).mean()
         loss = bond_loss(nll, loss, 1.0 - cfg.sft_weight)
         stats["sft_nll"].append(float(nll.detach()))
     acc.backward(loss)
