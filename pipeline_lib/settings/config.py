@@ -46,6 +46,13 @@ def check_config(config: Mapping[str, Any]) -> Settings:
     if s.generation.backend == "vllm":
         _check_vllm(s.generation.temperature)
     check_launch(s.training.launch, s.training.ppo, s.methods.values())
+    g = s.generation
+    if s.methods and (g.top_p < 1 or g.top_k > 0):
+        key = "generation.top_p" if g.top_p < 1 else "generation.top_k"
+        raise ConfigError(
+            f"config key {key}: the trained methods need untruncated sampling (top_p 1, top_k 0): "
+            "under top-p/top-k a policy's sample can lie outside pi_ref's support, where "
+            "log pi_ref = -inf and the KL is infinite; temperature alone is fine")
     check_reference_cache(s)
     if base == "scratch" and s.policy.n_embd % s.policy.n_head:
         raise ConfigError(

@@ -41,6 +41,8 @@ def test_minimal_config_gets_every_section():
         ({"corpus": {"format": "prompt", "target_column": None}}, "corpus.target_column"),
         ({"policy": {"chat_template": True}}, "policy.chat_template"),
         ({"gold": {"type": "vader", "input": "pair"}}, "gold.input"),
+        ({"generation": {"top_p": 0.9}}, "generation.top_p: the trained methods need"),
+        ({"generation": {"top_k": 50}}, "generation.top_k: the trained methods need"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

@@ -190,7 +190,8 @@ def train_settings(wildcards):
     """What a method run's trainer reads: the run, the seed and its trainer's section of
     `training` (with `launch`); PPO-trained runs also sample (generation's sampling settings;
     the rollouts do not use its backend) and score with the proxy ensemble (cdf, scoring); vbon
-    and bond read the CDF fits (cdf.curvefit)."""
+    and bond read the CDF fits (cdf.curvefit); every run's log-probs are under the sampling
+    distribution (generation's temperature, top_p, top_k)."""
     run = RUNS[wildcards.policy]
     t = config["training"]
     cfg = {"run": run_spec(run), **section("seed"), **reference_settings()}
@@ -199,8 +200,9 @@ def train_settings(wildcards):
         cfg |= only("generation", "temperature", "top_p", "top_k", "max_new_tokens")
         cfg |= {**section("scoring"), **proxy_member_settings()}
         cfg |= only("cdf", *PROXY, *(("curvefit",) if run.uses_cdf else ()))
-    else:
+    else:  # log-probs under the sampling distribution
         cfg["training"] = canonical({"preference": t["preference"], "launch": t["launch"]})
+        cfg |= only("generation", "temperature", "top_p", "top_k")
     return cfg
 
 
