@@ -3,6 +3,8 @@
 All functions are pure (no I/O) and operate on torch tensors. Policy/reference inputs are the
 *summed* sequence log-probabilities log pi(y|x) of shape ``(B,)``; every loss returns the
 per-example loss of shape ``(B,)`` so the caller chooses the reduction (mean, weighted, ...).
+BOND is the exception: its two terms are per-token means (:func:`token_mean_nll`,
+:func:`bond_loss`), on the scale of the PPO surrogate it is mixed with.
 
 Notation (see ``docs/METHODS.md``, "Preference losses"): the policy log-ratio is
 
@@ -217,13 +219,36 @@ def sft_loss(policy_logps: torch.Tensor) -> torch.Tensor:
     return -policy_logps
 
 
+def token_mean_nll(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """BOND's forward (BoN-SFT) term: the negative log-likelihood per target token,
+
+        NLL_tok = -sum_{b,t} mask_bt * log pi(y_bt) / sum_{b,t} mask_bt,
+
+    a scalar: the same token-level mean (over every valid token of the minibatch) as the PPO
+    surrogate of the backward term (``ppo_math.masked_mean``), so that the two terms of
+    :func:`bond_loss` are on one scale (docs/METHODS.md, "BOND"). ``token_logps`` and ``mask``
+    are (B, T); positions with mask 0 do not count, even if their log-prob is -inf.
+    """
+    if tuple(token_logps.shape) != tuple(mask.shape) or token_logps.dim() != 2:
+        raise ValueError(f"token_logps {tuple(token_logps.shape)} and mask {tuple(mask.shape)} "
+                         "must both be (B, T)")
+    count = mask.to(token_logps.dtype).sum()
+    if not float(count) > 0:
+        raise ValueError("token_mean_nll needs at least one target token (mask is all 0)")
+    kept = torch.where(mask.bool(), token_logps, torch.zeros_like(token_logps))
+    return -kept.sum() / count
+
+
 def bond_loss(forward_nll: torch.Tensor, backward_loss: torch.Tensor, w: float) -> torch.Tensor:
     """BOND Jeffreys-divergence mix of a forward and a backward term.
 
         L = (1 - w) * L_forward + w * L_backward,   w in [0, 1].
 
     ``forward_nll`` is the forward-KL (SFT-like, mode-covering) term and ``backward_loss`` the
-    backward-KL (mode-seeking) term, each per example of shape (B,).
+    backward-KL (mode-seeking) term, of the same shape (scalars in the PPO trainer, or per
+    example). The caller puts both on one scale: in the PPO trainer the per-token
+    :func:`token_mean_nll` against the token-mean PPO loss; a summed sequence NLL (tens of
+    nats) against a token-mean surrogate would make any w < 1 nearly pure BoN-SFT.
     """
     _check_unit_interval("w", w)
     _check_same_shape(forward_nll=forward_nll, backward_loss=backward_loss)

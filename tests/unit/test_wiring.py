@@ -94,7 +94,7 @@ def test_the_trainer_mixes_bond_with_weight_1_minus_sft_weight_on_the_sft_term(m
     rollout = Rollout(batch=batch, scores=np.zeros(1), old_logp=torch.zeros(1, 2),
                       old_values=torch.zeros(1, 2), ref_logp=torch.zeros(1, 2), ent_sum=0.0,
                       beta=0.0)
-    monkeypatch.setattr(trainer, "sequence_nll", lambda m, b, cfg=None: torch.zeros(1))
+    monkeypatch.setattr(trainer, "sft_token_nll", lambda m, b, cfg=None: torch.zeros(()))
     with pytest.raises(StopIteration):
         trainer._minibatch_step(run, rollout, torch.zeros(1, 2), torch.zeros(1, 2),
                                 torch.tensor([0]), {k: [] for k in trainer.UPDATE_STATS})

@@ -39,10 +39,12 @@ Per step (one PPO iteration, docs/METHODS.md "KL-constrained RLHF"):
    rollout's mean per-sequence k1 KL.
 
 **BOND mix (``sft_weight = w > 0`` with ``sft_examples``).** Each update also draws a minibatch
-of (prompt ids, response ids) best-of-n examples and computes the *summed* (over response tokens,
-under the same sampling distribution) negative log-likelihood, averaged over the minibatch. The loss becomes
+of (prompt ids, response ids) best-of-n examples and computes their negative log-likelihood
+*per target token* (under the same sampling distribution; ``losses.token_mean_nll``: summed over
+the minibatch's response tokens, divided by their number), the token mean that the PPO losses
+use too, so that the two terms are on one scale. The loss becomes
 
-    L = (1 - w) * L_PPO + w * NLL_mean      (= losses.bond_loss(NLL, L_PPO, 1 - w)),
+    L = (1 - w) * L_PPO + w * NLL_tok      (= losses.bond_loss(NLL_tok, L_PPO, 1 - w)),
 
 the Jeffreys-divergence mix of BOND: the NLL is the forward-KL (mode-covering) term and the PPO
 loss the backward-KL (mode-seeking) term. Note ``w`` weights the *forward* term here, i.e.
@@ -71,7 +73,8 @@ the ``reward_fn`` output, before ``reward_clip``), ``kl_k1`` (mean over the roll
 per-sequence sum_t (log pi - log pi_ref)), ``kl_k3`` (mean per-token k3), ``entropy`` (mean
 per-token entropy of the sampling policy), ``kl_coef`` (the beta used for this rollout),
 ``lr``, ``clipfrac``, ``value_clipfrac``, ``approx_kl``, ``grad_norm`` (before clipping),
-``sft_nll`` (mean summed NLL of the SFT minibatches; None without the BOND term),
+``sft_nll`` (the SFT minibatches' NLL per target token, the term as it enters the loss; None
+without the BOND term),
 ``response_length`` (mean tokens, EOS included), ``prompts_seen`` and ``elapsed_s``. KL and
 entropy use the sampling distribution's log-probs (the model's own at ``temperature = 1``).
 

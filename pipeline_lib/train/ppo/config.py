@@ -44,7 +44,7 @@ class PPOConfig:
     top_k: int = 0  # 0 = no top-k truncation; truncation (top_p < 1, top_k > 0) is refused
     max_new_tokens: int = 32
     trainable_top_layers: int | None = None  # None = train all parameters
-    sft_weight: float = 0.0  # BOND: weight w of the forward-KL SFT term
+    sft_weight: float = 0.0  # BOND: weight of the forward-KL SFT term (NLL per token)
     checkpoint_every: int = 10  # 0 = only at the end
     log_every: int = 1
     mixed_precision: str = "no"

@@ -12,6 +12,7 @@ import torch
 
 from pipeline_lib.generation.sampling import pad_batch, trim_at_eos
 from pipeline_lib.math.logprobs import sampling_logits, sampling_logprobs
+from pipeline_lib.math.losses import token_mean_nll
 from pipeline_lib.math.ppo_math import (
     entropy_from_logits,
 )
@@ -139,13 +140,15 @@ def generate_responses(policy, prompt_ids: Sequence[Sequence[int]], gen_cfg, pad
     return [trim_at_eos(g, eos_id) for g in out[:, width:].cpu().tolist()]
 
 
-def sequence_nll(model: PolicyWithValueHead, batch: RolloutBatch,
-                 cfg: PPOConfig | None = None) -> torch.Tensor:
-    """Summed (over response tokens) negative log-likelihood, shape (B,), under the sampling
-    distribution of ``cfg`` (``None``: temperature 1), like every other log-prob of the run."""
+def sft_token_nll(model: PolicyWithValueHead, batch: RolloutBatch,
+                  cfg: PPOConfig | None = None) -> torch.Tensor:
+    """BOND's forward term on a minibatch of best-of-n examples: the negative log-likelihood
+    per response token (a scalar, :func:`pipeline_lib.math.losses.token_mean_nll`, the token
+    mean of the PPO surrogate), under the sampling distribution of ``cfg`` (``None``:
+    temperature 1), like every other log-prob of the run."""
     logits, _ = model(batch.input_ids, batch.attention_mask)
     logp = token_logprobs(at_response(logits, batch.pos).float(), batch.resp_ids, cfg)
-    return -(logp * batch.mask).sum(dim=1)
+    return token_mean_nll(logp, batch.mask)
 
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ from pipeline_lib.train.ppo.rollout import (
     generate_responses,
     make_batch,
     score_rollout,
-    sequence_nll,
+    sft_token_nll,
     token_logprobs,
 )
 from pipeline_lib.train.ppo.run import PPORun, final_policy, save_ppo_checkpoint, start_run
@@ -196,7 +196,8 @@ def ppo_update(run: PPORun, r: Rollout, adv: torch.Tensor,
 
 def _minibatch_step(run: PPORun, r: Rollout, adv, returns, rows_idx, stats) -> None:
     """One optimiser step on a minibatch: clipped policy and value losses, plus BOND's SFT term
-    on best-of-n examples when ``sft_weight > 0``."""
+    on best-of-n examples when ``sft_weight > 0`` (the NLL per target token, on the token-mean
+    scale of the PPO loss)."""
     cfg, acc = run.cfg, run.acc
     sub = r.batch.rows(rows_idx)
     t_len = sub.mask.shape[1]
@@ -214,7 +215,7 @@ def _minibatch_step(run: PPORun, r: Rollout, adv, returns, rows_idx, stats) -> N
         take = run.state.sft_cycler.take(mb, run.state.rng)[rank_slice(mb, run.rank, run.world)]
         ex = [run.sft_examples[i] for i in take]
         sft_batch = make_batch([p for p, _ in ex], [y for _, y in ex], run.pad_id)
-        nll = sequence_nll(run.model, sft_batch.to(acc.device), cfg).mean()
+        nll = sft_token_nll(run.model, sft_batch.to(acc.device), cfg)
         loss = bond_loss(nll, loss, 1.0 - cfg.sft_weight)
         stats["sft_nll"].append(float(nll.detach()))
     acc.backward(loss)
