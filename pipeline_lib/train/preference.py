@@ -29,6 +29,20 @@ Losses (per example, then the batch mean):
 Dropout is disabled by default (``disable_dropout``: the policy runs in ``eval()`` mode while
 its parameters are trained), as in common DPO trainers, so that ``h = 0`` exactly at step 0
 when the policy is the reference and the log-ratios are not dropout noise.
+
+**Mixed precision.** The cached reference log-probs are float32 forward passes; under
+``mixed_precision`` bf16 / fp16 the policy's own forward pass (accelerate's autocast, or
+DeepSpeed's half-precision weights) gives other values for the same weights, so ``h`` would not be
+0 at step 0. With ``mixed_precision != "no"`` the trainer therefore replaces the cached values,
+before its first update, by the initial policy's (= pi_ref's) log-probs computed through the
+prepared model exactly as the training steps compute them: the same forward function, precision,
+device and rank slices, batch by batch in epoch 0's order, so that the step-0 forward pass is
+bitwise the recomputed one and ``h = 0`` exactly at step 0 (later, ``h`` measures the updates,
+not precision round-off; :func:`initial_reference_logprobs`). These values are stored in the checkpoint and a resumed
+run reuses them (never recomputed from resumed weights), so it equals the uninterrupted run; a
+run that started without mixed precision keeps the cached values when resumed with it. With
+``mixed_precision: "no"`` (the default) the cached values are used unchanged. On CPU accelerate
+runs ``fp16`` in float32 (no autocast; a warning says so), ``bf16`` under CPU autocast.
 """
 
 from __future__ import annotations
@@ -57,6 +71,7 @@ from pipeline_lib.train.checkpoints import (
 from pipeline_lib.train.distributed import (
     configure_deepspeed,
     global_mean_scale,
+    is_deepspeed,
     local_part,
     reduce_sums,
     unsharded_model,
@@ -171,8 +186,10 @@ class _Run:
     expected: dict
     ckpt_dir: Path | None
     rows: list[dict]
-    ref_c: torch.Tensor  # the cached reference log-probs of the chosen responses
+    ref_c: torch.Tensor  # the reference log-probs of the chosen responses (module docstring)
     ref_r: torch.Tensor  # ... and of the rejected ones
+    # the precision the reference log-probs were recomputed at (None: the cached values)
+    ref_precision: str | None = None
     step: int = 0
     tokens: int = 0
     pairs_seen: int = 0
@@ -217,12 +234,91 @@ def _start(policy, tokenizer, data: EncodedPairs, cfg: PreferenceConfig, seed: i
         load_trainer_state(acc, optimizer, scheduler, resume)
         run.step, run.tokens = int(state["step"]), int(state["tokens"])
         run.pairs_seen, elapsed0 = int(state["pairs"]), float(state["elapsed_s"])
-    if cfg.disable_dropout:
-        model.eval()
-    else:
+    model.eval()  # reference log-probs are taken without dropout
+    _set_reference(run, state if resume is not None else None)
+    if not cfg.disable_dropout:
         model.train()
     run.t0 = time.perf_counter() - elapsed0
     return run
+
+
+def _set_reference(run: _Run, state: dict | None) -> None:
+    """The reference log-probs of the run (module docstring, "Mixed precision"): a resumed run's
+    from its checkpoint (``state``), a new mixed-precision run's recomputed with the initial
+    weights, otherwise the cached ones already in ``run``."""
+    cfg, acc = run.cfg, run.acc
+    if cfg.mixed_precision == "fp16" and not acc.native_amp and not is_deepspeed(acc):
+        log.warning("mixed_precision fp16 on %s: accelerate runs it in float32 (no autocast)",
+                    acc.device)
+    if state is not None:
+        stored = state.get("reference")
+        if stored is None:
+            if cfg.mixed_precision != "no":
+                log.warning("the checkpoint's run started without mixed precision: resuming "
+                            "under %s with the cached float32 reference log-probs",
+                            cfg.mixed_precision)
+            return
+        if stored["precision"] != cfg.mixed_precision:
+            log.warning("resuming under mixed_precision %s with the reference log-probs of the "
+                        "run's start (%s)", cfg.mixed_precision, stored["precision"])
+        run.ref_c = torch.tensor(stored["chosen"], dtype=torch.float64)
+        run.ref_r = torch.tensor(stored["rejected"], dtype=torch.float64)
+        run.ref_precision = stored["precision"]
+        if len(run.ref_c) != len(run.data.prompt_ids):
+            raise ValueError("the checkpoint's reference log-probs do not match the pairs")
+        return
+    if cfg.mixed_precision == "no":
+        return
+    t0 = time.perf_counter()
+    ref_c, ref_r = initial_reference_logprobs(
+        run.model, run.data, acc, batch_size=int(cfg.batch_size), seed=run.seed,
+        pad_id=run.pad_id, temperature=float(cfg.temperature))
+    delta = np.abs(np.concatenate([ref_c - run.data.ref_chosen, ref_r - run.data.ref_rejected]))
+    log.info("reference log-probs recomputed under %s in %.1f s (vs the cached float32 values: "
+             "mean |diff| %.3g, max %.3g nats)", cfg.mixed_precision,
+             time.perf_counter() - t0, float(delta.mean()), float(delta.max()))
+    run.ref_c = torch.as_tensor(ref_c, dtype=torch.float64)
+    run.ref_r = torch.as_tensor(ref_r, dtype=torch.float64)
+    run.ref_precision = cfg.mixed_precision
+
+
+def _epoch_batch(seed: int, epoch: int, pos: int, n_pairs: int, batch_size: int) -> np.ndarray:
+    """The pair indices of batch ``pos`` of ``epoch`` (epoch e's order is
+    ``default_rng([seed, e]).permutation``)."""
+    order = np.random.default_rng([int(seed), epoch]).permutation(n_pairs)
+    return order[pos * batch_size : (pos + 1) * batch_size]
+
+
+@torch.no_grad()
+def initial_reference_logprobs(model, data: EncodedPairs, acc, *, batch_size: int, seed: int,
+                               pad_id: int, temperature: float = 1.0
+                               ) -> tuple[np.ndarray, np.ndarray]:
+    """(chosen, rejected) summed log-probs of every pair under ``model`` (the prepared policy
+    before any update, in ``eval()`` mode) computed as :func:`train_preference`'s steps
+    compute them: epoch 0's global batches of ``batch_size`` in the order of ``seed``, this
+    rank's slice of each, chosen and rejected in one forward pass, then gathered so that every
+    rank holds all pairs. Every pair's forward pass in epoch 0 is therefore bitwise this one.
+    A collective (each rank makes the same forward calls, as ZeRO-3 needs)."""
+    world, rank = acc.num_processes, acc.process_index
+    n = len(data.prompt_ids)
+    out = np.zeros((2, n), dtype=np.float64)
+    for pos in range(math.ceil(n / batch_size)):
+        idx = _epoch_batch(seed, 0, pos, n, batch_size)
+        local, weight = local_part(idx, rank, world)
+        nb = len(local)
+        prompts = [data.prompt_ids[i] for i in local]
+        responses = [data.chosen_ids[i] for i in local] + [data.rejected_ids[i] for i in local]
+        logps = policy_logprobs(model, prompts + prompts, responses, pad_id, acc.device,
+                                temperature).double().cpu().numpy()
+        if weight:  # weight 0: a rank left without pairs forwards a dummy
+            out[0, local], out[1, local] = logps[:nb], logps[nb:]
+    if world > 1:  # each pair was filled on one rank (zeros elsewhere): a sum gathers them
+        out = np.array(reduce_sums(acc, out.ravel().tolist()), dtype=np.float64).reshape(2, n)
+    if not np.isfinite(out).all():
+        bad = int(np.flatnonzero(~np.isfinite(out).all(axis=0))[0])
+        raise ValueError(f"pair {bad}: non-finite reference log-prob recomputed under mixed "
+                         "precision (fp16 overflow?); use bf16 or mixed_precision: no")
+    return out[0], out[1]
 
 
 @dataclass
@@ -246,8 +342,7 @@ def _train_step(run: _Run) -> _Batch:
     world, rank = acc.num_processes, acc.process_index
     bs = int(cfg.batch_size)
     epoch, pos = divmod(run.step, run.steps_per_epoch)
-    order = np.random.default_rng([int(run.seed), epoch]).permutation(len(data.prompt_ids))
-    idx = order[pos * bs : (pos + 1) * bs]
+    idx = _epoch_batch(run.seed, epoch, pos, len(data.prompt_ids), bs)
     b = len(idx)
     local, weight = local_part(idx, rank, world)  # weight 0: a rank left without pairs
     nb = len(local)
@@ -302,6 +397,9 @@ def _checkpoint(run: _Run) -> None:
     meta = dict(run.expected, step=run.step, tokens=run.tokens, pairs=run.pairs_seen,
                 total=run.total, config=dataclasses.asdict(run.cfg),
                 beta=effective_beta(run.cfg), elapsed_s=time.perf_counter() - run.t0)
+    if run.ref_precision is not None:  # recomputed: a resumed run reuses them (JSON is exact)
+        meta["reference"] = dict(precision=run.ref_precision, chosen=run.ref_c.tolist(),
+                                 rejected=run.ref_r.tolist())
     save_trainer_checkpoint(run.acc, run.ckpt_dir, run.model, run.optimizer, run.scheduler, meta,
                             run.rows, run.tokenizer)
 

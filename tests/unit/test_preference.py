@@ -395,3 +395,109 @@ def test_trainer_input_checks(tiny: dict) -> None:
                          _cfg("dpo"), seed=0)
     with pytest.raises(ValueError, match="empty"):
         train_preference(_policy(tiny), tok, pairs.head(0), _cfg("dpo"), seed=0)
+
+
+# ------------------------------------------------------------------------------ mixed precision
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """accelerate's state is process-global and refuses another ``mixed_precision`` once set:
+    start and leave each precision test with a fresh one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+# The precisions the trainer accepts on CPU: accelerate runs bf16 under CPU autocast and fp16 in
+# float32 (it has no fp16 autocast on CPU; the trainer warns).
+@pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
+@pytest.mark.parametrize("method", ["dpo", "ipo", "bonbon"])
+def test_h_is_zero_at_step_0_under_each_precision(tiny: dict, fresh_accelerate, tmp_path,
+                                                  precision: str, method: str) -> None:
+    # One batch of all 8 pairs: step 1's row is computed on the initial policy.
+    cfg = _cfg(method, epochs=1, batch_size=8, lr=1e-3, mixed_precision=precision,
+               checkpoint_every=1)
+    rows, _ = train_preference(_policy(tiny), tiny["tok"], tiny["pairs"], cfg, seed=0,
+                               checkpoint_dir=tmp_path)
+    first = rows[0]
+    state = json.loads((tmp_path / "last" / "state.json").read_text())
+    if precision == "no":
+        # The cached float32 values are used unchanged (no recompute: the default run's results
+        # are those of before); here they reproduce the policy's forward pass to round-off.
+        assert "reference" not in state
+        tol = 1e-5
+    else:
+        # Recomputed with the initial policy through the trainer's own forward pass: exact.
+        assert state["reference"]["precision"] == precision
+        tol = 0.0
+        cached = np.concatenate([tiny["pairs"]["best_ref_logprob"].to_numpy(),
+                                 tiny["pairs"]["worst_ref_logprob"].to_numpy()])
+        stored = np.concatenate([state["reference"]["chosen"], state["reference"]["rejected"]])
+        if precision == "bf16":  # bf16 autocast moves them away from the float32 cache
+            assert np.abs(stored - cached).max() > 1e-5
+        else:  # fp16 on CPU is float32
+            np.testing.assert_allclose(stored, cached, rtol=0, atol=1e-5)
+    assert abs(first["kl_best_k1"]) <= tol  # mean h(y_w)
+    assert abs(first["reward_margin"]) <= tol  # mean (h(y_w) - h(y_l))
+    if tol == 0.0:
+        assert first["accuracy"] == 0.0  # every h(y_w) - h(y_l) is exactly 0, none > 0
+        beta = effective_beta(cfg)
+        if method == "dpo":
+            assert first["loss"] == math.log(2.0)
+        elif method == "ipo":
+            assert first["loss"] == (1.0 / (2 * beta)) ** 2
+        else:  # bonbon: alpha * NLL(y_w) + (1 - alpha) * (0 - 1/(2 beta*))^2
+            want = (cfg.alpha * -torch.tensor(state["reference"]["chosen"], dtype=torch.float64)
+                    + (1 - cfg.alpha) * (1.0 / (2 * beta)) ** 2).mean().item()
+            assert first["loss"] == pytest.approx(want, rel=1e-12)
+
+
+def test_initial_reference_logprobs_are_the_step_0_forward(tiny: dict, fresh_accelerate) -> None:
+    """Every pair's log-probs in its epoch-0 batch equal the recomputed reference bitwise,
+    under bf16, whatever the batch it falls in (batch 3: batches of 3, 3, 2)."""
+    from pipeline_lib.train.pairs import encode_pairs
+    from pipeline_lib.train.preference import initial_reference_logprobs
+    from pipeline_lib.train.runtime import make_accelerator
+
+    tok = tiny["tok"]
+    data = encode_pairs(tiny["pairs"], tok, 32)
+    acc = make_accelerator("cpu", "bf16")
+    model = acc.prepare(_policy(tiny)).eval()
+    ref_c, ref_r = initial_reference_logprobs(model, data, acc, batch_size=3, seed=4,
+                                              pad_id=tok.pad_token_id)
+    order = np.random.default_rng([4, 0]).permutation(8)
+    for idx in (order[0:3], order[3:6], order[6:8]):
+        prompts = [data.prompt_ids[i] for i in idx]
+        resp = [data.chosen_ids[i] for i in idx] + [data.rejected_ids[i] for i in idx]
+        lp = policy_logprobs(model, prompts + prompts, resp, tok.pad_token_id).double()
+        assert torch.equal(lp[:len(idx)], torch.as_tensor(ref_c[idx]))
+        assert torch.equal(lp[len(idx):], torch.as_tensor(ref_r[idx]))
+    # ... and they are bf16 values, not the float32 cache
+    assert not np.array_equal(ref_c, data.ref_chosen)
+
+
+def test_killed_bf16_run_resumes_to_the_same_weights(tiny: dict, fresh_accelerate,
+                                                     tmp_path) -> None:
+    """The recomputed reference is stored in the checkpoint: a resumed run uses the values of
+    the initial weights (not of the resumed ones) and equals the uninterrupted run."""
+    cfg = _cfg("dpo", beta=0.5, batch_size=3, max_steps=8, checkpoint_every=3,
+               mixed_precision="bf16")
+    rows_full, full = train_preference(_policy(tiny), tiny["tok"], tiny["pairs"], cfg, seed=5,
+                                       checkpoint_dir=tmp_path / "full")
+
+    def die_at_5(row: dict) -> None:
+        if row["step"] == 5:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        train_preference(_policy(tiny), tiny["tok"], tiny["pairs"], cfg, seed=5,
+                         checkpoint_dir=tmp_path / "run", on_log=die_at_5)
+    rows, resumed = train_preference(_policy(tiny), tiny["tok"], tiny["pairs"], cfg, seed=5,
+                                     checkpoint_dir=tmp_path / "run")
+    _assert_same_weights(full, resumed)
+    strip = [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]
+    assert strip == [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows_full]
+    assert rows[0]["reward_margin"] == 0.0 and rows[0]["kl_best_k1"] == 0.0
