@@ -308,18 +308,30 @@ def make_prompts(
     seed: int,
     exclude_text_ids: Sequence[str] = (),
     preference: str | None = None,
+    tokenizer=None,
 ) -> pl.DataFrame:
-    """Cut ``n`` prompts of ``min_words``..``max_words`` words from distinct texts.
+    """Cut ``n`` prompts of ``min_words``..``max_words`` words (or, with ``tokenizer``, tokens)
+    from distinct texts.
 
     As in the vBoN paper: for each chosen text, a prefix length is drawn uniformly from
     {min_words, ..., max_words} (capped at the text's length).
     """
     pool = texts.filter(~pl.col("text_id").is_in(list(exclude_text_ids)))
     chosen, rng = _choose(pool, n, split, seed, "texts")
-    words = [t.split() for t in chosen["text"].to_list()]
     lengths = rng.integers(min_words, max_words + 1, size=n)
-    prompts = [" ".join(w[: min(int(k), len(w))]) for w, k in zip(words, lengths, strict=True)]
+    texts_ = chosen["text"].to_list()
+    if tokenizer is None:
+        words = [t.split() for t in texts_]
+        prompts = [" ".join(w[: min(int(k), len(w))]) for w, k in zip(words, lengths, strict=True)]
+    else:
+        prompts = [token_prefix(tokenizer, t, int(k)) for t, k in zip(texts_, lengths, strict=True)]
     return _prompt_table(chosen, prompts, [len(p.split()) for p in prompts], split, preference)
+
+
+def token_prefix(tokenizer, text: str, k: int) -> str:
+    """The text of the first ``k`` tokens of ``text`` (no special tokens)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(ids[:k])
 
 
 def select_prompts(
@@ -342,13 +354,13 @@ def select_prompts(
 
 
 def prompt_tables(data: TaskData, fmt: str, pc: PromptSettings,
-                  seed: int) -> dict[str, pl.DataFrame]:
+                  seed: int, tokenizer=None) -> dict[str, pl.DataFrame]:
     """The train, test and pref prompt tables of ``data``: prefixes of distinct texts
-    (text_prefix) or distinct full prompts; pref prompts come from train rows that no train
-    prompt was drawn from."""
+    (text_prefix; counted in tokens of ``tokenizer`` when given) or distinct full prompts; pref
+    prompts come from train rows that no train prompt was drawn from."""
     if fmt == "text_prefix":
         kw: dict[str, Any] = dict(min_words=pc.min_words, max_words=pc.max_words, seed=seed,
-                                  preference=pc.preference)
+                                  preference=pc.preference, tokenizer=tokenizer)
         tables = {"train": make_prompts(data.train, pc.n_train, "train", **kw),
                   "test": make_prompts(data.test, pc.n_test, "test", **kw)}
         tables["pref"] = make_prompts(data.train, pc.n_pref, "pref",

@@ -33,6 +33,10 @@ def check_config(config: Mapping[str, Any]) -> Settings:
     problem = sft_target_problem(s.corpus) if s.sft.enabled else None
     if problem is not None:
         raise ConfigError(problem)
+    if base == "scratch" and s.prompts.prefix_unit == "tokens":
+        raise ConfigError("config key prompts.prefix_unit is 'tokens' but policy.base is "
+                          "'scratch', whose tokenizer sft trains after the prompts are cut; "
+                          "use words, or name a model in policy.base")
     if base == "scratch" and s.policy.chat_template is True:
         raise ConfigError("config key policy.chat_template is true but policy.base 'scratch' "
                           "trains a tokenizer without a chat template")

@@ -108,6 +108,7 @@ class PromptSettings:
     n_pref: int
     min_words: int
     max_words: int
+    prefix_unit: str
     test_fraction: float
     preference: str | None
 

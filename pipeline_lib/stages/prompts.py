@@ -15,6 +15,7 @@ from pipeline_lib.io.corpus import (
     sft_target_problem,
 )
 from pipeline_lib.io.tables import write_table
+from pipeline_lib.models.loading import load_tokenizer
 from pipeline_lib.settings.sections import Settings
 from pipeline_lib.stages.common import provenance
 
@@ -34,7 +35,10 @@ def run_prompts(
              data.train.height, data.test.height, data.split_by, s.corpus.format)
     if s.sft.enabled:
         check_sft_targets(s.corpus, data.train, data.source)
-    tables = prompt_tables(data, s.corpus.format, s.prompts, s.seed)
+    tokenizer = None
+    if s.corpus.format == "text_prefix" and s.prompts.prefix_unit == "tokens":
+        tokenizer = load_tokenizer(s.policy.ref)  # prefixes of 2-8 tokens, as in the vBoN paper
+    tables = prompt_tables(data, s.corpus.format, s.prompts, s.seed, tokenizer)
     prov = provenance(s, "prompts", corpus=data.source)
     for split, path in prompts_out.items():
         write_table(tables[split], path, "prompts", prov)

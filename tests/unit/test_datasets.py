@@ -625,3 +625,23 @@ def test_a_prompt_in_two_groups_never_reaches_test(tmp_path):
     assert set(task.train["prompt"]).isdisjoint(set(task.test["prompt"]))
     assert set(task.train["group"]).isdisjoint(set(task.test["group"]))
     assert task.train.height + task.test.height < len(rows)  # the shared prompts left test
+
+
+def test_text_prefixes_in_tokens_of_the_policy_tokenizer(tmp_path, tiny_hub):
+    """prompts.prefix_unit tokens (the vBoN paper's 2-8 token prefixes): each prompt is the
+    first k tokens of its text under policy.base's tokenizer, k in [min, max]; a scratch policy
+    (its tokenizer does not exist yet) is refused."""
+    from pipeline_lib.io.corpus import make_prompts
+    from pipeline_lib.models.loading import load_tokenizer
+
+    tok = load_tokenizer(tiny_hub.ids["gpt2"])
+    texts = pl.DataFrame({"text_id": [f"t{i}" for i in range(30)], "group": ["g"] * 30,
+                          "text": [r["text"] for r in imdb_rows(30)]})
+    table = make_prompts(texts, 20, "train", 2, 5, seed=0, tokenizer=tok)
+    for prompt, text in zip(table["prompt"], texts.filter(
+            pl.col("text_id").is_in(table["text_id"].implode()))["text"], strict=False):
+        assert text.startswith(prompt)
+    lengths = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in table["prompt"]]
+    assert min(lengths) >= 2 and max(lengths) <= 5 and len(set(lengths)) > 1
+    with pytest.raises(ConfigError, match="prompts.prefix_unit"):
+        load_config(ROOT / "tests/data/tiny.yaml", {"prompts": {"prefix_unit": "tokens"}})
