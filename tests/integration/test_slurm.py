@@ -369,7 +369,7 @@ def test_every_job_went_through_sbatch_with_the_profiles_resources(runs):
     job_ids = re.findall(r"has been submitted with SLURM jobid (\d+)", out)
     counts = job_counts(out)
     counts.pop("all")  # the target rule runs nothing
-    local = local_rules()
+    local = local_rules() - {"import_cache", "chatterbot_dataset"}  # not in the tiny DAG
     assert local <= set(counts)
     for rule in local:  # run by this process, not submitted
         assert f"localrule {rule}:" in out, rule
