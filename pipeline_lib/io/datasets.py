@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import glob
 import logging
+import shlex
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline_lib.io.guard import visible_files
 from pipeline_lib.settings.sections import CorpusSettings
 
 log = logging.getLogger("pipeline")
@@ -145,10 +147,20 @@ def cached_snapshot(repo_id: str, revision: str | None = None) -> str | None:
         return None
 
 
+def hf_download_command(repo_id: str, revision: str | None = None,
+                        repo_type: str | None = None) -> str:
+    """The shell command (huggingface_hub's ``hf`` CLI) that puts a hub repo into the cache."""
+    cmd = ["hf", "download", repo_id]
+    if repo_type:
+        cmd += ["--repo-type", repo_type]
+    if revision:
+        cmd += ["--revision", revision]
+    return shlex.join(cmd)
+
+
 def download_command(cfg: CorpusSettings) -> str:
     """The command that puts hub dataset ``corpus.dataset`` into the hub cache."""
-    rev = f" --revision {cfg.revision}" if cfg.revision else ""
-    return f"hf download {cfg.dataset} --repo-type dataset{rev}"
+    return hf_download_command(cfg.dataset, cfg.revision, "dataset")
 
 
 def _not_cached(cfg: CorpusSettings, exc: BaseException) -> str:
@@ -194,9 +206,7 @@ def local_dataset_files(dataset: str | None, data_files: Any = None) -> list[str
         return []
     root = Path(dataset)
     if root.is_dir():
-        return sorted(str(p) for p in root.rglob("*")
-                      if p.is_file() and not any(part.startswith(".")
-                                                 for part in p.relative_to(root).parts))
+        return [str(p) for p in visible_files(root)]
     if not is_local_source(dataset, data_files):
         return []
     out: set[str] = set()

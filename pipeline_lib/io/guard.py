@@ -1,5 +1,6 @@
 """The stage-level checkpoint guard: a checkpoint directory is resumed only by a job with the same
-settings and the same input files (path, size, mtime)."""
+settings and the same input files (path, size, mtime); and which files of a directory a job
+reads (:func:`visible_files`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,15 @@ from typing import Any
 from pipeline_lib.io.atomic import PathLike
 
 log = logging.getLogger("pipeline")
+
+
+def visible_files(root: PathLike) -> list[Path]:
+    """Every file under the directory ``root``, sorted, hidden files and folders (a download
+    cache, a lock) left out: what a job reads of a model or dataset folder."""
+    root = Path(root)
+    return sorted(p for p in root.rglob("*")
+                  if p.is_file() and not any(part.startswith(".")
+                                             for part in p.relative_to(root).parts))
 
 
 def input_fingerprint(paths: Sequence[PathLike | None]) -> list[list]:

@@ -17,7 +17,6 @@ import argparse
 import hashlib
 import logging
 import os
-import shlex
 import shutil
 import sys
 from collections.abc import Iterable
@@ -25,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline_lib.io.datasets import hf_download_command
+from pipeline_lib.io.guard import visible_files
 from pipeline_lib.settings.config import is_hub_id
 from pipeline_lib.settings.sections import ModelRef
 
@@ -83,13 +84,6 @@ def _record(resolved: ResolvedModel) -> None:
     _LOADED[key] = entry
 
 
-def _model_files(root: Path) -> list[Path]:
-    """The files of a local model directory, hidden files and folders left out."""
-    return sorted(p for p in root.rglob("*")
-                  if p.is_file() and not any(part.startswith(".")
-                                             for part in p.relative_to(root).parts))
-
-
 def _file_sha256(path: Path) -> bytes:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -102,7 +96,7 @@ def directory_fingerprint(path: str | Path) -> str:
     """``sha256:<16 hex>`` of a directory's files (relative names and contents; hidden files
     left out). Cached for the process while no file's size or mtime changes."""
     root = Path(path).resolve()
-    files = _model_files(root)
+    files = visible_files(root)
     stats = tuple((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
                   for p in files)
     key = (str(root), stats)
@@ -117,10 +111,7 @@ def directory_fingerprint(path: str | Path) -> str:
 
 def download_command(ref: ModelRef) -> str:
     """The shell command (huggingface_hub's ``hf`` CLI) that downloads ``ref`` into the cache."""
-    cmd = ["hf", "download", ref.name]
-    if ref.revision:
-        cmd += ["--revision", ref.revision]
-    return shlex.join(cmd)
+    return hf_download_command(ref.name, ref.revision)
 
 
 def download_patterns(files: Iterable[str], trust_remote_code: bool = False) -> list[str]:

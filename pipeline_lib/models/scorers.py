@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from pipeline_lib.io.conversation import prompt_messages
 from pipeline_lib.math.ensembles import ensemble, zscore_members
+from pipeline_lib.models.encoding import uses_chat_template
 from pipeline_lib.models.labels import config_section, read_output, scorer_label
 from pipeline_lib.models.loading import load_sequence_classifier, load_tokenizer
 from pipeline_lib.settings.config import check_scorer_input
@@ -81,7 +82,7 @@ def format_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str],
                 for p, r in zip(prompts, responses, strict=True)], None
     if fmt.input == "pair":
         return prompts, responses
-    if not getattr(tokenizer, "chat_template", None):
+    if not uses_chat_template(tokenizer):
         raise ValueError(f"config key {fmt.section}.input is chat but the model's tokenizer "
                          "has no chat template")
     return [tokenizer.apply_chat_template(
@@ -154,7 +155,7 @@ class HFClassifierScorer:
         section = self.format.section
         self.device = torch.device(device)
         self.tokenizer = load_tokenizer(settings.ref, settings.key)
-        if self.format.input == "chat" and not getattr(self.tokenizer, "chat_template", None):
+        if self.format.input == "chat" and not uses_chat_template(self.tokenizer):
             raise ValueError(f"config key {section}.input is chat but the tokenizer of "
                              f"{settings.model} has no chat template")
         self.model = load_sequence_classifier(settings.ref, self.device, settings.key)

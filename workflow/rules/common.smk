@@ -114,10 +114,9 @@ def sample_settings(wildcards):
 # in place); hidden files and folders (e.g. a download cache) are left out.
 # ---------------------------------------------------------------------------------------------
 def local_dir_files(path):
-    root = Path(path)
-    return sorted(str(p) for p in root.rglob("*")
-                  if p.is_file() and not any(part.startswith(".")
-                                             for part in p.relative_to(root).parts))
+    from pipeline_lib.io.guard import visible_files
+
+    return [str(p) for p in visible_files(path)]
 
 
 def corpus_file(wildcards):
@@ -273,3 +272,44 @@ def prs_instruction_inputs(wildcards):
     if source != "chatterbot":  # a local CSV/Parquet/JSONL of instructions
         return {"instructions_file": source}
     return {}
+
+
+def corpus_dataset_files(wildcards):
+    """corpus.dataset's local files (a folder, a save_to_disk folder or local data_files), so
+    editing one reruns the rule; a hub id is no file input."""
+    from pipeline_lib.io.datasets import local_dataset_files
+
+    files = local_dataset_files(config["corpus"]["dataset"], config["corpus"]["data_files"])
+    return {"dataset": files} if files else {}
+
+
+
+def prefix_tokenizer_settings():
+    """Token prefixes are cut with policy.base's tokenizer (its name, and a local directory's
+    files as inputs)."""
+    if config["prompts"]["prefix_unit"] != "tokens" or config["corpus"]["format"] != "text_prefix":
+        return {}, {}
+    files = local_model_files(config["policy"]["base"])
+    return only("policy", "base", "revision", "trust_remote_code"), (
+        {"tokenizer_files": files} if files else {})
+
+
+
+def reward_model_init(wildcards):
+    """What a trained seed starts from (reward_models.base): the SFT policy (pi_ref by name when
+    SFT is off), or another model by name, whose files are inputs when it is a local directory."""
+    base = config["reward_models"]["base"]
+    if base == "sft":
+        return reference_input()
+    files = local_model_files(base)
+    return {"base_model_files": files} if files else {}
+
+
+
+def reward_model_settings():
+    """What a seed's training reads: reward_models without the pretrained members, and the
+    policy's settings when it starts from the policy."""
+    cfg = {**section("seed"), **without("reward_models", "pretrained")}
+    if config["reward_models"]["base"] == "sft":
+        cfg |= reference_settings()
+    return cfg

@@ -1,22 +1,3 @@
-def corpus_dataset_files(wildcards):
-    """corpus.dataset's local files (a folder, a save_to_disk folder or local data_files), so
-    editing one reruns the rule; a hub id is no file input."""
-    from pipeline_lib.io.datasets import local_dataset_files
-
-    files = local_dataset_files(config["corpus"]["dataset"], config["corpus"]["data_files"])
-    return {"dataset": files} if files else {}
-
-
-def prefix_tokenizer_settings():
-    """Token prefixes are cut with policy.base's tokenizer (its name, and a local directory's
-    files as inputs)."""
-    if config["prompts"]["prefix_unit"] != "tokens" or config["corpus"]["format"] != "text_prefix":
-        return {}, {}
-    files = local_model_files(config["policy"]["base"])
-    return only("policy", "base", "revision", "trust_remote_code"), (
-        {"tokenizer_files": files} if files else {})
-
-
 rule prompts:
     """Corpus or dataset rows -> train/test split -> prompts (train, test, pref) and SFT rows."""
     input:

@@ -19,25 +19,6 @@ rule preferences:
         "../scripts/preferences.py"
 
 
-def reward_model_init(wildcards):
-    """What a trained seed starts from (reward_models.base): the SFT policy (pi_ref by name when
-    SFT is off), or another model by name, whose files are inputs when it is a local directory."""
-    base = config["reward_models"]["base"]
-    if base == "sft":
-        return reference_input()
-    files = local_model_files(base)
-    return {"base_model_files": files} if files else {}
-
-
-def reward_model_settings():
-    """What a seed's training reads: reward_models without the pretrained members, and the
-    policy's settings when it starts from the policy."""
-    cfg = {**section("seed"), **without("reward_models", "pretrained")}
-    if config["reward_models"]["base"] == "sft":
-        cfg |= reference_settings()
-    return cfg
-
-
 rule reward_model:
     """One trained seed of the proxy ensemble (Bradley-Terry), initialised from
     reward_models.base (the SFT policy, or another model)."""
