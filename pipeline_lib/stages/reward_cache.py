@@ -75,11 +75,15 @@ def ensemble_rewards(
 
 def load_proxy(cfg: CDFSettings, members: RewardModelSettings, batch_size: int,
                reward_models: Mapping[str, PathLike], train_rewards: PathLike | None,
-               device) -> EnsembleProxy:
+               device, objective: str | None = None,
+               uwo_lambda: float | None = None) -> EnsembleProxy:
     """The ensemble proxy of the `cdf` stage (objective and normalisation of ``cfg``), for
     scoring fresh (prompt, response) pairs in batches of ``batch_size``. Its members: the
     trained seeds in ``reward_models`` (member name -> directory) and the pretrained reward
-    models of ``members`` (``reward_models.pretrained``), in the reward cache's order."""
+    models of ``members`` (``reward_models.pretrained``), in the reward cache's order.
+    ``objective`` / ``uwo_lambda``: a ppo run's own ensemble objective in place of ``cfg``'s
+    (:func:`pipeline_lib.settings.methods.proxy_objective`); the normalisation stays
+    ``cfg``'s."""
     settings = member_settings(members, reward_models)
     if not settings:
         raise StageError("the proxy ensemble has no members: reward_models.seeds and "
@@ -92,7 +96,8 @@ def load_proxy(cfg: CDFSettings, members: RewardModelSettings, batch_size: int,
                              f"{names}, the proxy ensemble {[m.name for m in settings]}")
         stats = member_stats(ref)
     scorers = [reward_model_scorer(m, device, batch_size=batch_size) for m in settings]
-    return EnsembleProxy(scorers, cfg.objective, cfg.uwo_lambda, stats)
+    return EnsembleProxy(scorers, objective if objective is not None else cfg.objective,
+                         uwo_lambda if uwo_lambda is not None else cfg.uwo_lambda, stats)
 
 
 def cache_matrices(rewards: pl.DataFrame, where: str) -> tuple[list[str], np.ndarray,

@@ -17,12 +17,16 @@ from pipeline_lib.io.guard import checkpoint_guard
 from pipeline_lib.io.schemas import SCHEMAS
 from pipeline_lib.io.tables import read_polars, write_table
 from pipeline_lib.math.cdf import CurveFit
-from pipeline_lib.math.seeding import derive_seed
 from pipeline_lib.math.vbon import vbon_rewards
 from pipeline_lib.models.encoding import encode_prompt
 from pipeline_lib.models.loading import save_model
 from pipeline_lib.settings.config import config_hash
-from pipeline_lib.settings.methods import MethodRun, kl_coefficient
+from pipeline_lib.settings.methods import (
+    MethodRun,
+    kl_coefficient,
+    proxy_objective,
+    training_seed,
+)
 from pipeline_lib.settings.sections import Settings, as_dict
 from pipeline_lib.stages.common import (
     StageError,
@@ -114,16 +118,17 @@ def train_job(
     run = s.methods[name]
     device = setup_job(s, threads, "train", name)
     tokenizer, policy = load_policy(s, policy_source(s, policy_dir), "cpu")
-    train_seed = derive_seed(s.seed, "train", name)
+    train_seed = training_seed(s.seed, run)
     ckpt = Path(checkpoint_dir)
     on_log = lambda r: log.info("%s %s", name, json.dumps(r, default=float))  # noqa: E731
     if run.is_ppo:
-        proxy = load_proxy(s.cdf, s.reward_models, s.scoring.batch_size, reward_models or {},
-                           rewards_path, device)
+        proxy = run_proxy(s, run, reward_models or {}, rewards_path, device)
         inputs = PPOInputs(read_polars(prompts_path, "prompts"), cdf_path, pairs_path)
         rows, model = _train_ppo_method(s, run, tokenizer, policy, proxy, inputs, train_seed,
                                         ckpt, on_log)
-        extra = {"kl_coef": kl_coefficient(run)}
+        objective, lam = proxy_objective(run, s.cdf)
+        extra = {"kl_coef": kl_coefficient(run), "proxy_objective": objective,
+                 **({"proxy_uwo_lambda": lam} if objective == "uwo" else {})}
     else:
         pc = PreferenceConfig(
             method=run.method, beta=float(run.beta or 0.1), n=int(run.n), alpha=float(run.alpha),
@@ -143,6 +148,18 @@ def train_job(
     write_table(_policy_log_rows(rows, run.method), log_table, "policy_log",
                 provenance(s, "train", run=name, method=run.method, spec=run.as_dict(),
                            **launch_info(s), **extra))
+
+
+def run_proxy(s: Settings, run: MethodRun, reward_models: Mapping[str, PathLike],
+              rewards_path: PathLike | None, device):
+    """The ensemble proxy a PPO-family run trains on: the members and normalisation of the
+    ``cdf`` stage, combined by the run's objective (a ppo run's own ``objective`` /
+    ``uwo_lambda``, else ``cdf``'s)."""
+    objective, lam = proxy_objective(run, s.cdf)
+    log.info("%s: proxy objective %s%s", run.name, objective,
+             f" (lambda {lam:g})" if objective == "uwo" else "")
+    return load_proxy(s.cdf, s.reward_models, s.scoring.batch_size, reward_models, rewards_path,
+                      device, objective=objective, uwo_lambda=lam)
 
 
 @dataclass(frozen=True)

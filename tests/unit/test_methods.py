@@ -11,8 +11,15 @@ def test_run_names_and_kl_coefficients():
     assert run_name({"method": "bonbon", "n": 8}) == "bonbon-n8"
     assert run_name({"method": "dpo", "n": 8, "beta": 0.1}) == "dpo-n8-b0.1"
     assert run_name({"method": "ppo", "beta": 0.05, "name": "mine"}) == "mine"
+    assert run_name({"method": "ppo", "beta": 0}) == "ppo-b0"
+    assert run_name({"method": "vbon", "n": 8, "bound": "exact"}, ("n",), seed=1) == (
+        "vbon-n8-exact-s1")
+    assert run_name({"method": "ppo", "beta": 0.05, "name": "mine"}, ("beta",)) == "mine-b0.05"
+    assert run_name({"method": "ppo", "beta": 0.01, "objective": "wco"}) == "ppo-b0.01-wco"
     assert kl_coefficient(MethodRun(name="v", method="vbon", n=8)) == pytest.approx(1 / 7)
     assert kl_coefficient(MethodRun(name="p", method="ppo", beta=0.05)) == 0.05
+    assert kl_coefficient(MethodRun(name="p", method="ppo", beta=0)) == 0.0
+    assert MethodRun(name="p", method="ppo", beta=0.05).sweep == "p"  # built by hand
 
 
 def test_vbon_l1_is_log_smoothed_cdf_and_monotone():
