@@ -168,9 +168,13 @@ SCHEMAS: dict[str, pa.Schema] = {
             _f("gold", pa.float64(), doc="E[gold of the proxy-best of n], proxy ties averaged"),
             _f("kl_analytic", pa.float64(), doc="log n - (n-1)/n"),
             _f("kl_ties", pa.float64(), doc="tie-aware KL on the cache's empirical distribution"),
-            _f("win_rate_ref", pa.float64(), doc="P(gold of BoN > gold of a reference sample) + tie/2"),
+            _f("win_rate_ref", pa.float64(), nullable=True,
+               doc="P(gold of BoN > gold of a held-out judge) + tie/2; BoN from the "
+                   "pool_size - win_rate_judges non-judge samples (null when n exceeds them)"),
+            _f("win_rate_judges", pa.int32(),
+               doc="held-out judges per prompt: the first win_rate_judges samples by sample_idx"),
             _f("n_prompts", pa.int32()),
-            _f("pool_size", pa.int32(), doc="M, cached samples per prompt"),
+            _f("pool_size", pa.int32(), doc="M, cached samples per prompt (proxy, gold, KL)"),
         ]
     ),
     "eval_samples": pa.schema(
@@ -202,15 +206,57 @@ SCHEMAS: dict[str, pa.Schema] = {
                doc="k1 (mean log pi/pi_ref over policy samples; may be < 0 by noise), "
                    "bon_analytic or bon_ties"),
             _f("kl_k3", pa.float64(), nullable=True, doc="per-token k3 estimate (>= 0)"),
-            _f("win_rate_ref", pa.float64(), doc="gold win rate against reference samples"),
+            _f("win_rate_ref", pa.float64(), nullable=True,
+               doc="gold win rate against the held-out reference samples (win_rate_judges per "
+                   "prompt); null for a BoN point whose n exceeds M - win_rate_judges"),
             _f("win_rate_bon", pa.float64(), nullable=True,
                doc="gold win rate against the reference's proxy-best of win_rate_n"),
             _f("win_rate_n", pa.int32()),
-            _f("pareto", pa.bool_(), doc="on the (KL, gold) Pareto frontier of this table"),
+            _f("win_rate_judges", pa.int32(),
+               doc="held-out judges per prompt of win_rate_ref: the first win_rate_judges "
+                   "cached test samples by sample_idx, the same for policies and BoN points"),
+            _f("pareto", pa.bool_(),
+               doc="on the (KL, gold) Pareto frontier of this table with uncertainty: no other "
+                   "row has lower KL and higher gold by more than 1.96 combined standard errors "
+                   "(math.frontier.pareto_flags_se; BoN's analytic KL has no error)"),
+            _f("sweep", pa.string(), nullable=True,
+               doc="the methods entry the run belongs to (MethodRun.sweep); null for sft, bon"),
+            _f("seed", pa.int32(), nullable=True,
+               doc="the run's training seed (an entry with seeds); null otherwise"),
             # the sampling distribution that pi and pi_ref (and so kl, kl_k3) refer to
             _f("temperature", pa.float64(), doc="generation.temperature of pi and pi_ref"),
             _f("top_p", pa.float64(), doc="generation.top_p (1 = no nucleus truncation)"),
             _f("top_k", pa.int32(), doc="generation.top_k (0 = no top-k truncation)"),
+        ]
+    ),
+    "frontier": pa.schema(
+        [
+            _f("sweep", pa.string(), doc="the methods entry (MethodRun.sweep) the runs come from"),
+            _f("method", pa.string()),
+            _f("knob", pa.string(), nullable=True, doc="the swept key (null: one point)"),
+            _f("n_points", pa.int64(), doc="knob values in the sweep"),
+            _f("n_seeds", pa.int64(), doc="training seeds per knob value"),
+            _f("bon_n", pa.int64(), doc="the BoN point whose KL this grid point is"),
+            _f("metric", pa.string(), doc="gold (mean gold reward) or win_rate (vs the held-out judges)"),
+            _f("kl", pa.float64(), doc="grid KL: log n - (n-1)/n of BoN at bon_n"),
+            _f("covered", pa.bool_(), doc="the sweep's KL range (full data) contains this KL"),
+            _f("boot_coverage", pa.float64(), doc="fraction of bootstrap replicates whose sweep reaches it"),
+            _f("bon_boot_coverage", pa.float64()),
+            _f("method_estimate", pa.float64(), nullable=True, doc="the sweep's value, interpolated along it at this KL: full-data estimate (null where the sweep does not reach this KL)"),
+            _f("method_low", pa.float64(), nullable=True, doc="the sweep's value, interpolated along it at this KL: percentile CI low (null where the sweep does not reach this KL)"),
+            _f("method_high", pa.float64(), nullable=True, doc="the sweep's value, interpolated along it at this KL: percentile CI high (null where the sweep does not reach this KL)"),
+            _f("method_se", pa.float64(), nullable=True, doc="the sweep's value, interpolated along it at this KL: bootstrap SE (null where the sweep does not reach this KL)"),
+            _f("bon_estimate", pa.float64(), nullable=True, doc="BoN's value at this n: full-data estimate (null where the sweep does not reach this KL)"),
+            _f("bon_low", pa.float64(), nullable=True, doc="BoN's value at this n: percentile CI low (null where the sweep does not reach this KL)"),
+            _f("bon_high", pa.float64(), nullable=True, doc="BoN's value at this n: percentile CI high (null where the sweep does not reach this KL)"),
+            _f("bon_se", pa.float64(), nullable=True, doc="BoN's value at this n: bootstrap SE (null where the sweep does not reach this KL)"),
+            _f("gap_estimate", pa.float64(), nullable=True, doc="method - BoN, paired over prompts: full-data estimate (null where the sweep does not reach this KL)"),
+            _f("gap_low", pa.float64(), nullable=True, doc="method - BoN, paired over prompts: percentile CI low (null where the sweep does not reach this KL)"),
+            _f("gap_high", pa.float64(), nullable=True, doc="method - BoN, paired over prompts: percentile CI high (null where the sweep does not reach this KL)"),
+            _f("gap_se", pa.float64(), nullable=True, doc="method - BoN, paired over prompts: bootstrap SE (null where the sweep does not reach this KL)"),
+            _f("kl_estimator", pa.string(), doc="the sweep's KL estimator (k1)"),
+            _f("bon_kl_estimator", pa.string(), doc="BoN's KL (analytic_bon)"),
+            _f("level", pa.float64(), doc="confidence level of low/high"),
         ]
     ),
     "prs_samples": pa.schema(

@@ -19,6 +19,7 @@ from pipeline_lib.models.loading import load_causal_lm
 from pipeline_lib.models.scorers import gold_scorer
 from pipeline_lib.settings.methods import MethodRun, kl_coefficient
 from pipeline_lib.settings.sections import Settings
+from pipeline_lib.stages.bon_curve import held_out_judges
 from pipeline_lib.stages.common import PathLike, StageError, provenance, setup_job
 from pipeline_lib.stages.generate import (
     generate_table,
@@ -52,7 +53,8 @@ def run_evaluate(
     summary_out: PathLike,
     threads: int | None = None,
 ) -> None:
-    """K samples per test prompt: gold, proxy, KL to the reference and win rates."""
+    """K samples per test prompt: gold, proxy, KL to the reference and win rates (against the
+    held-out judges of the test cache, and against the reference's best of win_rate_n)."""
     s = Settings.from_config(config)
     device = setup_job(s, threads, "evaluate", name)
     k = s.evaluation.samples_per_prompt
@@ -74,21 +76,39 @@ def run_evaluate(
     gold, proxy = samples["gold"].to_numpy(), samples["proxy"].to_numpy()
     kl, kl_se = mean_and_se(kl_k1(samples["logp_policy"].to_numpy(),
                                   samples["logp_ref"].to_numpy()))
-    n_bon = min(s.evaluation.win_rate_n, ref_gold.shape[1])
     method, beta, n = method_of(name, s.methods)
     summary = pl.DataFrame([{
         "policy": name, "method": method, "beta": beta, "n": n,
         "gold": float(gold.mean()), "gold_se": float(gold.std(ddof=1) / np.sqrt(gold.size)),
         "proxy": float(proxy.mean()), "kl": kl, "kl_se": kl_se, "kl_estimator": "k1",
         "kl_k3": float(samples["k3_sum"].to_numpy().sum() / max(samples["n_tokens"].sum(), 1)),
-        "win_rate_ref": win_rate(pol_gold, ref_gold),
-        "win_rate_bon": win_rate_vs_bon(pol_gold, ref_proxy, ref_gold, n_bon),
-        "win_rate_n": n_bon, "pareto": False,
+        **policy_win_rates(s, pol_gold, ref_proxy, ref_gold, str(test_rewards)),
+        "pareto": False,
+        "sweep": s.methods[name].sweep if name in s.methods else None,
+        "seed": s.methods[name].seed if name in s.methods else None,
         **sampling_columns(s),
     }], schema_overrides={"beta": pl.Float64, "n": pl.Int32, "win_rate_n": pl.Int32,
-                          "top_k": pl.Int32})
+                          "win_rate_judges": pl.Int32, "top_k": pl.Int32, "sweep": pl.String,
+                          "seed": pl.Int32})
     log.info("evaluation %s: %s", name, summary.row(0, named=True))
     write_table(summary, summary_out, "eval_summary", provenance(s, "evaluate", policy=name))
+
+
+def policy_win_rates(s: Settings, pol_gold: np.ndarray, ref_proxy: np.ndarray,
+                     ref_gold: np.ndarray, where: str) -> dict[str, float | int]:
+    """A policy's gold win rates, ``(P, K)`` policy samples against the ``(P, M)`` test cache:
+
+    * ``win_rate_ref`` against the held-out judges (the first ``win_rate_judges`` samples of
+      each prompt, :func:`pipeline_lib.stages.bon_curve.held_out_judges`), the judges of the
+      BoN points' ``win_rate_ref`` too, with the same ties-count-½ rule;
+    * ``win_rate_bon`` against the reference's proxy-best of ``win_rate_n`` (capped at M), over
+      all M samples: the policy's samples are independent of the whole cache."""
+    m = ref_gold.shape[1]
+    n_bon = min(s.evaluation.win_rate_n, m)
+    judges = held_out_judges(s, m, where)
+    return {"win_rate_ref": win_rate(pol_gold, ref_gold[:, :judges]),
+            "win_rate_bon": win_rate_vs_bon(pol_gold, ref_proxy, ref_gold, n_bon),
+            "win_rate_n": n_bon, "win_rate_judges": judges}
 
 
 def policy_samples(s: Settings, name: str, policy_dir: PathLike, reference_dir: PathLike,

@@ -36,17 +36,29 @@ def plot_bon_curves(bon: pl.DataFrame, path: PathLike) -> None:
     save_figure(fig, path)
 
 
-def plot_kl_gold(table: pl.DataFrame, bon: pl.DataFrame, path: PathLike) -> None:
-    """Every policy in the (KL, gold) plane with the BoN curve and the Pareto frontier."""
+def _sweep_lines(ax, points: pl.DataFrame, value: str) -> None:
+    """Each sweep as a line through its points (seed-averaged, sorted by KL) with error bars."""
+    for (sweep,), part in points.group_by(["sweep"], maintain_order=True):
+        part = part.sort("kl")
+        seeds = int(part["n_seeds"].max())
+        label = f"{sweep} ({seeds} seeds)" if seeds > 1 else sweep
+        ax.errorbar(part["kl"], part[value], xerr=part["kl_se"].fill_null(0.0),
+                    yerr=part[f"{value}_se"].fill_null(0.0), fmt="o-", ms=5, capsize=2, lw=1.2,
+                    label=label)
+
+
+def plot_kl_gold(table: pl.DataFrame, points: pl.DataFrame, bon: pl.DataFrame,
+                 path: PathLike) -> None:
+    """Each method sweep as a line with error bars in the (KL, gold) plane (seed-averaged:
+    summary.sweep_points_table), the BoN curve of the cache, and the Pareto frontier (with
+    uncertainty) of the table's rows."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.8))
-    ax.plot(bon["kl_analytic"], bon["gold"], "-", color="0.6", label="best-of-n (cache)")
-    pol = table.filter(pl.col("method") != "bon")
-    for row in pol.iter_rows(named=True):
-        ax.errorbar(row["kl"], row["gold"], xerr=row["kl_se"], yerr=row["gold_se"], fmt="o",
-                    ms=6, capsize=2, label=row["policy"])
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    ax.plot(bon["kl_analytic"], bon["gold"], "o-", color="0.6", lw=2.5, ms=4,
+            label="best-of-n (cache)")
+    _sweep_lines(ax, points, "gold")
     front = table.filter(pl.col("pareto")).sort("kl")
-    ax.plot(front["kl"], front["gold"], "k--", lw=1, label="Pareto frontier")
+    ax.plot(front["kl"], front["gold"], "k--", lw=1, label="Pareto frontier (1.96 SE)")
     ax.set_xlabel("KL(pi || pi_ref) [nats]  (k1 for policies, analytic for BoN)")
     ax.set_ylabel("mean gold reward")
     ax.grid(alpha=0.3)
@@ -55,20 +67,67 @@ def plot_kl_gold(table: pl.DataFrame, bon: pl.DataFrame, path: PathLike) -> None
     save_figure(fig, path)
 
 
+def plot_kl_win_rate(table: pl.DataFrame, points: pl.DataFrame, path: PathLike) -> None:
+    """Gold win rate against the held-out reference samples vs KL: each sweep as a line, the
+    BoN points and their closed form n/(n+1) at KL log n - (n-1)/n (continuous rewards, proxy =
+    gold) — the vBoN paper's main plot."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    bon = table.filter((pl.col("method") == "bon") & pl.col("win_rate_ref").is_not_null()).sort("n")
+    if bon.height:
+        ax.plot(bon["kl"], bon["win_rate_ref"], "o-", color="0.6", lw=2.5, ms=4,
+                label="best-of-n (cache)")
+        n = np.geomspace(1, max(float(bon["n"].max()), 1.0), 64)
+        ax.plot(np.log(n) - (n - 1) / n, n / (n + 1), ":", color="0.4",
+                label="BoN closed form n/(n+1)")
+    _sweep_lines(ax, points.filter(pl.col("win_rate_ref").is_not_null()), "win_rate_ref")
+    ax.axhline(0.5, color="k", lw=0.8)
+    ax.set_xlabel("KL(pi || pi_ref) [nats]  (k1 for policies, analytic for BoN)")
+    ax.set_ylabel("gold win rate vs held-out reference samples (ties = 1/2)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def plot_win_rates(table: pl.DataFrame, path: PathLike) -> None:
-    """Gold win rate of each policy against reference samples and the reference's BoN."""
+    """Gold win rates against the held-out reference samples (the judges): each policy's, also
+    against the reference's BoN (bars), and the BoN points' with their closed form n/(n+1)
+    (continuous rewards, proxy = gold). With no policy (an imported cache) the BoN panel alone."""
     plt = pyplot()
     pol = table.filter(pl.col("method") != "bon")
-    x = np.arange(pol.height)
-    n = int(pol["win_rate_n"][0])
-    fig, ax = plt.subplots(figsize=(max(6, 0.8 * pol.height + 2), 4))
-    ax.bar(x - 0.2, pol["win_rate_ref"], 0.4, label="vs reference sample")
-    ax.bar(x + 0.2, pol["win_rate_bon"], 0.4, label=f"vs reference best-of-{n}")
+    bon = table.filter((pl.col("method") == "bon") & pl.col("win_rate_ref").is_not_null()).sort("n")
+    judges = int(table["win_rate_judges"][0])
+    width = max(6, 0.8 * pol.height + 2) if pol.height else 0
+    fig, axes = plt.subplots(1, 2 if pol.height else 1, figsize=(width + 5, 4), squeeze=False,
+                             width_ratios=[width, 5] if pol.height else None)
+    if pol.height:
+        ax = axes[0, 0]
+        x = np.arange(pol.height)
+        n = int(pol["win_rate_n"][0])
+        ax.bar(x - 0.2, pol["win_rate_ref"], 0.4, label="vs reference sample")
+        ax.bar(x + 0.2, pol["win_rate_bon"], 0.4, label=f"vs reference best-of-{n}")
+        ax.axhline(0.5, color="k", lw=0.8)
+        ax.axhline(n / (n + 1), color="0.5", ls=":", lw=0.8,
+                   label=f"BoN-{n} vs reference: n/(n+1)")
+        ax.set_xticks(x, pol["policy"].to_list(), rotation=30, ha="right")
+        ax.set_ylabel("gold win rate (ties = 1/2)")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8)
+    ax = axes[0, -1]
+    if bon.height:
+        ns = bon["n"].to_numpy()
+        ax.plot(ns, bon["win_rate_ref"], "o-", label="best-of-n of the reference")
+        grid = np.geomspace(1, ns.max(), 64) if ns.max() > 1 else np.ones(1)
+        ax.plot(grid, grid / (grid + 1), ":", color="0.5", label="n/(n+1)")
+        ax.set_xscale("log", base=2)
     ax.axhline(0.5, color="k", lw=0.8)
-    ax.axhline(n / (n + 1), color="0.5", ls=":", lw=0.8, label=f"BoN-{n} vs reference: n/(n+1)")
-    ax.set_xticks(x, pol["policy"].to_list(), rotation=30, ha="right")
+    ax.set_xlabel("n")
     ax.set_ylabel("gold win rate (ties = 1/2)")
     ax.set_ylim(0, 1)
+    ax.set_title(f"vs {judges} held-out reference sample(s) per prompt", fontsize=9)
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)

@@ -8,23 +8,47 @@ from typing import Any
 import polars as pl
 
 from pipeline_lib.io.atomic import atomic_file
+from pipeline_lib.io.schemas import SCHEMAS
 from pipeline_lib.io.tables import read_polars, write_table
-from pipeline_lib.math.winrate import pareto_frontier
+from pipeline_lib.math.frontier import pareto_flags_se
 from pipeline_lib.settings.sections import Settings
-from pipeline_lib.stages.common import PathLike, provenance
-from pipeline_lib.stages.figures import plot_bon_curves, plot_kl_gold, plot_win_rates
+from pipeline_lib.stages.common import PathLike, StageError, provenance
+from pipeline_lib.stages.figures import (
+    plot_bon_curves,
+    plot_kl_gold,
+    plot_kl_win_rate,
+    plot_win_rates,
+)
 from pipeline_lib.stages.generate import sampling_columns
 from pipeline_lib.stages.reward_cache import configured_objective_name
+
+PARETO_Z = 1.96  # a row is dominated only beyond this many combined standard errors
 
 
 def summary_table(config: Settings | Mapping[str, Any], evals: Sequence[PathLike],
                   bon_path: PathLike) -> pl.DataFrame:
     """Every policy's summary row plus the BoN points of the configured objective, with the
-    (KL, gold) Pareto frontier marked over all of them."""
+    (KL, gold) Pareto frontier marked over all of them.
+
+    ``evals`` may be empty (an imported reference cache trains no policy): the table then holds
+    the BoN points alone. A BoN point's ``win_rate_ref`` and ``win_rate_judges`` come from the
+    BoN table (best-of-n of the non-judge samples against the held-out judges, the judges of the
+    policies' ``win_rate_ref``); its ``win_rate_n`` is ``evaluation.win_rate_n`` capped at M, as
+    in :func:`pipeline_lib.stages.evaluate.run_evaluate`."""
     s = Settings.from_config(config)
-    rows = pl.concat([read_polars(p, "eval_summary") for p in evals])
+    schema = pl.from_arrow(SCHEMAS["eval_summary"].empty_table()).schema
+    rows = pl.concat([read_polars(p, "eval_summary").cast(schema) for p in evals]
+                     or [pl.DataFrame(schema=schema)])
     bon = read_polars(bon_path, "bon_curve").filter(
         pl.col("objective") == configured_objective_name(s.cdf, s.evaluation.uwo_lambdas))
+    if bon.height == 0:
+        raise StageError(f"{bon_path}: no BoN curve of the configured objective "
+                         f"{configured_objective_name(s.cdf, s.evaluation.uwo_lambdas)!r}")
+    judges = set(bon["win_rate_judges"]) | set(rows["win_rate_judges"])
+    if len(judges) != 1:
+        raise StageError(f"the win rates of {bon_path} and the policy evaluations are judged "
+                         f"by different numbers of held-out samples: {sorted(judges)}; rerun "
+                         "them with the same evaluation.win_rate_judges")
     bon_rows = bon.select(
         pl.format("bon-n{}", pl.col("n")).alias("policy"), pl.lit("bon").alias("method"),
         (1.0 / (pl.col("n") - 1).cast(pl.Float64)).alias("beta"), pl.col("n"),
@@ -32,19 +56,43 @@ def summary_table(config: Settings | Mapping[str, Any], evals: Sequence[PathLike
         pl.col("kl_analytic").alias("kl"), pl.lit(None, pl.Float64).alias("kl_se"),
         pl.lit("bon_analytic").alias("kl_estimator"), pl.lit(None, pl.Float64).alias("kl_k3"),
         pl.col("win_rate_ref"), pl.lit(None, pl.Float64).alias("win_rate_bon"),
-        pl.lit(rows["win_rate_n"][0], pl.Int32).alias("win_rate_n"), pl.lit(False).alias("pareto"),
+        pl.min_horizontal(pl.lit(s.evaluation.win_rate_n), pl.col("pool_size"))
+        .alias("win_rate_n"),
+        pl.col("win_rate_judges"), pl.lit(False).alias("pareto"),
+        pl.lit(None, pl.String).alias("sweep"), pl.lit(None, pl.Int32).alias("seed"),
         # BoN's KL refers to pi_ref at the cache's sampling distribution (generation section)
         *(pl.lit(v).alias(k) for k, v in sampling_columns(s).items()),
     ).with_columns(pl.when(pl.col("n") == 1).then(None).otherwise(pl.col("beta")).alias("beta"))
-    table = pl.concat([rows, bon_rows.cast(rows.schema)])
-    front = pareto_frontier(table["kl"].to_numpy(), table["gold"].to_numpy())
+    table = pl.concat([rows, bon_rows.select(list(schema)).cast(schema)])
+    front = pareto_flags_se(table["kl"].to_numpy(), table["gold"].to_numpy(),
+                            table["gold_se"].fill_null(0.0).to_numpy(),
+                            table["kl_se"].fill_null(0.0).to_numpy(), z=PARETO_Z)
     return table.with_columns(pl.Series("pareto", front))
+
+
+def sweep_points_table(table: pl.DataFrame) -> pl.DataFrame:
+    """The policy rows of a summary averaged over training seeds: one row per (sweep, point)
+    (a point is a run name without its ``-s<seed>``), with ``n_seeds`` and the mean KL, gold
+    and win rate. Standard errors: over seeds (SD / sqrt(S)) when a point has several, else the
+    row's own (over prompts and samples; none for the win rate)."""
+    pol = table.filter(pl.col("method") != "bon").with_columns(
+        pl.col("sweep").fill_null(pl.col("policy")),
+        pl.when(pl.col("seed").is_null()).then(pl.col("policy"))
+        .otherwise(pl.col("policy").str.replace(r"-s\d+$", "")).alias("point"))
+    se = {c: (pl.when(pl.len() > 1).then(pl.col(c).std() / pl.len().sqrt())
+              .otherwise(pl.col(f"{c}_se").first() if f"{c}_se" in pol.columns else None))
+          .alias(f"{c}_se") for c in ("kl", "gold", "win_rate_ref")}
+    return (pol.group_by("sweep", "point", maintain_order=True)
+            .agg(pl.col("method").first(), pl.len().alias("n_seeds"),
+                 pl.col("kl", "gold", "win_rate_ref").mean(), *se.values())
+            .sort("sweep", "kl"))
 
 
 def run_summary(config: Settings | Mapping[str, Any], evals: Sequence[PathLike], bon_path: PathLike,
                 out: PathLike, figures: Mapping[str, PathLike],
                 csv: Mapping[str, PathLike] | None = None) -> None:
-    """summary.parquet, CSV copies for the HTML report, and the three figures."""
+    """summary.parquet, CSV copies for the HTML report, and the three figures; with no policy
+    evaluation (``evals`` empty: an imported cache) the BoN points and curves alone."""
     s = Settings.from_config(config)
     table = summary_table(s, evals, bon_path)
     write_table(table, out, "eval_summary", provenance(s, "summary"))
@@ -53,9 +101,12 @@ def run_summary(config: Settings | Mapping[str, Any], evals: Sequence[PathLike],
         if path:
             _write_csv(frame, path)
     plot_bon_curves(bon, figures["bon_curves"])
-    plot_kl_gold(table, bon.filter(pl.col("objective") == configured_objective_name(s.cdf, s.evaluation.uwo_lambdas)),
-                 figures["kl_gold"])
+    objective = configured_objective_name(s.cdf, s.evaluation.uwo_lambdas)
+    points = sweep_points_table(table)
+    plot_kl_gold(table, points, bon.filter(pl.col("objective") == objective), figures["kl_gold"])
     plot_win_rates(table, figures["win_rates"])
+    if "kl_win_rate" in figures:
+        plot_kl_win_rate(table, points, figures["kl_win_rate"])
 
 
 def _write_csv(frame: pl.DataFrame, path: PathLike) -> None:

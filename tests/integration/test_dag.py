@@ -11,6 +11,7 @@ count.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
@@ -63,7 +64,7 @@ TABLES |= {f"logs/train-{r}.parquet": "policy_log" for r in RUNS}
 # The GPU rules (benchmarked) and the local rules (tiny CPU jobs, never cluster jobs).
 GPU_RULES = {"sft", "preferences", "reward_model", "sample", "score", "train", "evaluate",
              "prs_compare"}
-LOCAL_RULES = {"prompts", "gather_samples", "cdf", "pairs", "bon_curve", "summary",
+LOCAL_RULES = {"prompts", "gather_samples", "cdf", "pairs", "bon_curve", "frontier", "summary",
                "prs_instructions"}
 
 
@@ -194,8 +195,10 @@ def _matrix(frame: pl.DataFrame, value: str, columns: str) -> np.ndarray:
 def test_summary_values_of_every_policy_recomputed_from_its_samples(run):
     """gold, proxy, KL (k1 and its SE), k3 and both win rates of each policy, recomputed by
     hand from eval/policy-*.parquet and the test reward cache (brute force: every pair of a
-    policy sample and a reference sample; the reference's best of all M = 8 by the trained
-    ensemble: UWO, lambda 0.5, members z-normalised on the train cache; ties averaged)."""
+    policy sample and a held-out judge, the first M // 4 = 2 reference samples of each prompt;
+    the reference's best of all M = 8 by the trained ensemble: UWO, lambda 0.5, members
+    z-normalised on the train cache; ties averaged); and the BoN points' win rates: every
+    n-subset of the 6 non-judge samples, its proxy-best against the same judges."""
     summary = read_polars(run / "summary.parquet", "eval_summary")
     test = read_polars(run / "rewards/test.parquet", "rewards")
     train = read_polars(run / "rewards/train.parquet", "rewards")
@@ -208,6 +211,7 @@ def test_summary_values_of_every_policy_recomputed_from_its_samples(run):
     z = np.stack(members)
     ref_proxy = z.mean(axis=0) - 0.5 * z.var(axis=0)
     best = ref_proxy == ref_proxy.max(axis=1, keepdims=True)  # the best of all 8 (ties)
+    judges = ref_gold[:, :2]  # the held-out judges of every win_rate_ref
     for name in ["sft", *RUNS]:
         s = read_polars(run / f"eval/policy-{name}.parquet", "eval_samples")
         row = summary.filter(pl.col("policy") == name).row(0, named=True)
@@ -219,11 +223,28 @@ def test_summary_values_of_every_policy_recomputed_from_its_samples(run):
         assert row["kl_se"] == pytest.approx(diff.std(ddof=1) / np.sqrt(diff.size), abs=1e-12)
         assert row["kl_k3"] == pytest.approx(s["k3_sum"].sum() / s["n_tokens"].sum(), abs=1e-12)
         pol = np.array(_matrix(s, "gold", "sample_idx"))  # (P, K)
-        vs = (pol[:, :, None] > ref_gold[:, None, :]) + 0.5 * (pol[:, :, None] == ref_gold[:, None, :])
+        vs = (pol[:, :, None] > judges[:, None, :]) + 0.5 * (pol[:, :, None] == judges[:, None, :])
         assert row["win_rate_ref"] == pytest.approx(vs.mean(), abs=1e-12)
+        vs = (pol[:, :, None] > ref_gold[:, None, :]) + 0.5 * (pol[:, :, None] == ref_gold[:, None, :])
         vs_best = (vs * best[:, None, :]).sum(axis=2) / best.sum(axis=1)[:, None]
         assert row["win_rate_bon"] == pytest.approx(vs_best.mean(), abs=1e-12)
-        assert row["win_rate_n"] == 8
+        assert row["win_rate_n"] == 8 and row["win_rate_judges"] == 2
+    for n in (1, 2, 4, 8):
+        row = summary.filter(pl.col("policy") == f"bon-n{n}").row(0, named=True)
+        assert row["win_rate_judges"] == 2
+        if n > 6:  # more than the non-judge samples: no win rate
+            assert row["win_rate_ref"] is None
+            continue
+        per_prompt = []
+        for proxy_row, gold_row, judge_row in zip(ref_proxy, ref_gold, judges, strict=True):
+            wins = []
+            for subset in itertools.combinations(range(2, 8), n):
+                top = max(proxy_row[j] for j in subset)
+                sel = [j for j in subset if proxy_row[j] == top]
+                wins.append(np.mean([np.mean((gold_row[j] > judge_row)
+                                             + 0.5 * (gold_row[j] == judge_row)) for j in sel]))
+            per_prompt.append(np.mean(wins))
+        assert row["win_rate_ref"] == pytest.approx(np.mean(per_prompt), abs=1e-12), n
 
 
 @slow
@@ -245,12 +266,20 @@ def test_evaluation_summary_and_figures(run):
     assert summary.filter(pl.col("method") != "bon")["win_rate_bon"].is_not_null().all()
     bon = read_polars(run / "eval/bon.parquet", "bon_curve")
     assert set(bon["objective"]) == {"rm-seed1", "rm-seed2", "mean", "wco", "uwo"}
+    # n = 1 is a uniform non-judge sample, whatever the objective: its win rate against the
+    # held-out judges (M // 4 = 2 per prompt) is the plain one; n = 8 > 6 has none
+    test = read_polars(run / "rewards/test.parquet", "rewards").filter(pl.col("kind") == "gold")
+    gold = np.array(_matrix(test, "reward", "sample_idx"))
+    pool, judges = gold[:, 2:, None], gold[:, None, :2]
     n1 = bon.filter(pl.col("n") == 1)
-    assert n1["win_rate_ref"].to_list() == pytest.approx([0.5] * n1.height)
+    assert n1["win_rate_ref"].to_list() == pytest.approx(
+        [((pool > judges) + 0.5 * (pool == judges)).mean()] * n1.height, abs=1e-12)
+    assert bon.filter(pl.col("n") == 8)["win_rate_ref"].is_null().all()
+    assert set(bon["win_rate_judges"]) == {2}
     assert (bon["kl_ties"] <= bon["kl_analytic"] + 1e-12).all()
     samples = read_polars(run / "eval/policy-sft.parquet", "eval_samples")
     assert samples.height == cfg()["prompts"]["n_test"] * 8
-    for fig in ("bon_curves", "kl_gold", "win_rates"):
+    for fig in ("bon_curves", "kl_gold", "win_rates", "kl_win_rate"):
         assert (run / f"figures/{fig}.png").stat().st_size > 10_000
 
 

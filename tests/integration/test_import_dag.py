@@ -3,10 +3,13 @@ model job), the config check before any job, and a run up to the CDFs and BoN cu
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 from pathlib import Path
 
+import numpy as np
+import polars as pl
 import pytest
 import yaml
 from dag_support import job_counts, snakemake_cmd, snakemake_env
@@ -50,7 +53,8 @@ def snakemake(workdir: Path, configfile: Path, *args: str) -> subprocess.Complet
 def test_import_plan_has_no_sampling_scoring_or_training_job(tmp_path):
     proc = snakemake(tmp_path, import_config(tmp_path), "-n")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert job_counts(proc.stdout) == {"import_cache": 2, "cdf": 2, "bon_curve": 1, "all": 1}
+    assert job_counts(proc.stdout) == {"import_cache": 2, "cdf": 2, "bon_curve": 1,
+                                       "summary": 1, "all": 1}
 
 
 def test_import_with_a_dpo_run_fails_before_any_job(tmp_path):
@@ -62,8 +66,8 @@ def test_import_with_a_dpo_run_fails_before_any_job(tmp_path):
     assert "import_cache" not in out  # no job ran
 
 
-@pytest.mark.slow  # ~20 s on 2 cores
-def test_import_runs_to_cdf_and_bon_curve(tmp_path):
+@pytest.mark.slow  # ~30 s on 2 cores
+def test_import_runs_to_cdf_bon_curve_and_summary(tmp_path):
     proc = snakemake(tmp_path, import_config(tmp_path))
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     out = tmp_path / "results" / "imported"
@@ -74,3 +78,29 @@ def test_import_runs_to_cdf_and_bon_curve(tmp_path):
     assert read_polars(out / "cdf/test.parquet", "cdf").height == 3
     bon = read_polars(out / "eval/bon.parquet", "bon_curve")
     assert set(bon["n"]) == {1, 2, 4} and set(bon["pool_size"]) == {4}
+    # the summary of an imported cache: no policy, the configured objective's BoN points
+    # (cdf.objective uwo, lambda 0.5, of the one proxy), their values those of the BoN table
+    summary = read_polars(out / "summary.parquet", "eval_summary")
+    uwo = bon.filter(pl.col("objective") == "uwo").sort("n")
+    assert summary["policy"].to_list() == ["bon-n1", "bon-n2", "bon-n4"]
+    assert set(summary["method"]) == {"bon"}
+    for col, bon_col in (("n", "n"), ("gold", "gold"), ("proxy", "proxy"), ("kl", "kl_analytic"),
+                         ("win_rate_ref", "win_rate_ref"), ("win_rate_judges", "win_rate_judges")):
+        assert summary[col].to_list() == uwo[bon_col].to_list(), col
+    # M = 4: one held-out judge (M // 4), best-of-n from the other 3 (none for n = 4)
+    assert summary["win_rate_judges"].to_list() == [1, 1, 1]
+    assert summary["win_rate_ref"][2] is None
+    # recomputed by hand: proxy = gold (both the `reward` column), so best of an n-subset of
+    # samples 1..3 has the subset's max reward; against sample 0, ties 1/2
+    test = read_polars(out / "rewards/test.parquet", "rewards").filter(pl.col("kind") == "gold")
+    gold = np.array(test.sort("prompt_id", "sample_idx")["reward"].to_list()).reshape(3, 4)
+    for n, got in zip((1, 2), summary["win_rate_ref"][:2], strict=True):
+        want = np.mean([np.mean([(max(g[list(c)]) > g[0]) + 0.5 * (max(g[list(c)]) == g[0])
+                                 for c in itertools.combinations(range(1, 4), n)])
+                        for g in gold])
+        assert got == pytest.approx(want, abs=1e-12), n
+    assert summary["win_rate_n"].to_list() == [4, 4, 4]  # evaluation.win_rate_n 8, capped at M
+    assert not (out / "eval" / "summary-sft.parquet").exists()
+    assert pl.read_csv(out / "summary.csv").height == 3
+    for fig in ("bon_curves", "kl_gold", "win_rates", "kl_win_rate"):
+        assert (out / f"figures/{fig}.png").stat().st_size > 10_000

@@ -12,6 +12,7 @@ import pytest
 from pipeline_lib.math.bon import bon_curve, bon_kl, bon_kl_ties, bon_kl_ties_batch, bon_weights
 from pipeline_lib.math.kl import k3_token_mean, kl_k1, mean_and_se
 from pipeline_lib.math.winrate import (
+    bon_win_rate,
     pareto_frontier,
     win_rate,
     win_rate_per_prompt,
@@ -419,6 +420,94 @@ def test_win_rate_vs_bon_validation() -> None:
         win_rate_vs_bon(z, z, z, 5)
     with pytest.raises(ValueError, match="same number of prompts"):
         win_rate_vs_bon(np.zeros((3, 4)), z, z, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# bon_win_rate: the reference's best-of-n against held-out judges
+# --------------------------------------------------------------------------------------------
+
+
+def brute_bon_win_rate(proxy: np.ndarray, gold: np.ndarray, judges: np.ndarray, n: int) -> float:
+    """Every n-subset of the pool; the members tied at its max proxy share the pick; each pick
+    against every judge, ties 1/2; mean over subsets, judges and prompts."""
+    per_prompt = []
+    for p in range(proxy.shape[0]):
+        vals = []
+        for subset in itertools.combinations(range(proxy.shape[1]), n):
+            sel = _selected_members(proxy[p], subset)
+            vals.append(np.mean([np.mean((gold[p, j] > judges[p]) + 0.5 * (gold[p, j] == judges[p]))
+                                 for j in sel]))
+        per_prompt.append(np.mean(vals))
+    return float(np.mean(per_prompt))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bon_win_rate_matches_subset_enumeration(seed: int, ties: bool) -> None:
+    rng = np.random.default_rng(60 + seed)
+    proxy, gold = _pool(rng, 3, 7, ties)
+    judges = rng.integers(0, 4, size=(3, 4)).astype(float) if ties else rng.normal(size=(3, 4))
+    if not ties:
+        judges[:, 0] = gold[:, 2]  # a judge tied with a pooled response
+    for n in range(1, 8):
+        got = bon_win_rate(proxy, gold, judges, n)
+        assert got == pytest.approx(brute_bon_win_rate(proxy, gold, judges, n), abs=1e-12)
+
+
+@pytest.mark.parametrize("pool_size", [1, 2, 5, 13, 64])
+def test_bon_win_rate_is_n_over_n_plus_1_exactly_in_expectation(pool_size: int) -> None:
+    """Continuous rewards, proxy = gold, a judge independent of the pool: by exchangeability
+    the judge's rank among the L + 1 values is uniform on 0..L. With k pool values below it,
+    the best of an n-subset beats it unless the whole subset lies among those k:
+    1 - C(k, n)/C(L, n). Averaged over k = 0..L (hockey stick: Σ_k C(k, n) = C(L+1, n+1)):
+    1 - C(L+1, n+1)/((L+1) C(L, n)) = 1 - 1/(n+1) = n/(n+1). One judge at every rank is that
+    expectation, computed exactly (no Monte Carlo); e.g. 8/9 at n = 8."""
+    pool = np.arange(1.0, pool_size + 1)[None, :]
+    judges = np.arange(pool_size + 1)[None, :] + 0.5  # one judge at each of the L + 1 ranks
+    for n in range(1, pool_size + 1):
+        exact = Fraction(n, n + 1)
+        per_rank = [1 - Fraction(math.comb(k, n), math.comb(pool_size, n))
+                    for k in range(pool_size + 1)]
+        assert sum(per_rank) / (pool_size + 1) == exact  # the closed form, in rationals
+        assert bon_win_rate(pool, pool, judges, n) == pytest.approx(float(exact), abs=1e-12)
+        # the same with the pool shuffled and a proxy that is a monotone map of gold
+        order = np.random.default_rng(n).permutation(pool_size)
+        assert bon_win_rate(np.exp(pool[:, order]), pool[:, order], judges, n) == pytest.approx(
+            float(exact), abs=1e-12)
+
+
+def test_bon_win_rate_is_the_rate_of_bon_not_of_the_judges() -> None:
+    """n = 8 against independent judges: 8/9, not its complement 1/9 (a dropped `1 -`); the
+    pool judged against itself instead (the old estimator) is biased: 0.895 at M = 64."""
+    m = 64
+    pool = np.arange(1.0, m + 1)[None, :]
+    judges = np.arange(m + 1)[None, :] + 0.5
+    assert bon_win_rate(pool, pool, judges, 8) == pytest.approx(8 / 9, abs=1e-12)
+    assert 1 - bon_win_rate(pool, pool, judges, 8) == pytest.approx(1 / 9, abs=1e-12)
+    self_judged = 1 - win_rate_vs_bon(pool, pool, pool, 8)
+    assert self_judged == pytest.approx(1 - (m + 0.5 - 8 * (m + 1) / 9) / m, abs=1e-12)
+    assert self_judged == pytest.approx(0.895, abs=5e-4) and abs(self_judged - 8 / 9) > 5e-3
+
+
+def test_bon_win_rate_of_one_is_the_pool_s_plain_win_rate_ties_included() -> None:
+    """n = 1 picks a uniform pool member: the BoN point's rate is the pool's win rate against
+    the judges, with ties at 1/2 exactly as a policy's win_rate_ref counts them."""
+    rng = np.random.default_rng(61)
+    proxy, gold = _pool(rng, 4, 9, ties=True)
+    judges = rng.integers(0, 4, size=(4, 3)).astype(float)
+    assert bon_win_rate(proxy, gold, judges, 1) == pytest.approx(win_rate(gold, judges), abs=1e-14)
+    # all tied: 1/2 for every n
+    flat = np.ones((2, 5))
+    for n in range(1, 6):
+        assert bon_win_rate(flat, flat, np.ones((2, 3)), n) == pytest.approx(0.5, abs=1e-14)
+
+
+def test_bon_win_rate_validation() -> None:
+    z = np.zeros((2, 4))
+    with pytest.raises(ValueError, match="n must satisfy 1 <= n <= M = 4"):
+        bon_win_rate(z, z, np.zeros((2, 3)), 5)
+    with pytest.raises(ValueError, match="same number of prompts"):
+        bon_win_rate(z, z, np.zeros((3, 3)), 2)
 
 
 # --------------------------------------------------------------------------------------------

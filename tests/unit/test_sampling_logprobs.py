@@ -283,16 +283,19 @@ def test_summary_records_the_sampling_distribution(config, tmp_path) -> None:
     row = pl.DataFrame([{
         "policy": "sft", "method": "sft", "beta": None, "n": None, "gold": 0.1, "gold_se": 0.01,
         "proxy": 0.2, "kl": 0.0, "kl_se": 0.0, "kl_estimator": "k1", "kl_k3": 0.0,
-        "win_rate_ref": 0.5, "win_rate_bon": 0.2, "win_rate_n": 4, "pareto": False,
-        **sampling_columns(s)}], schema_overrides={"beta": pl.Float64, "n": pl.Int32,
-                                                   "win_rate_n": pl.Int32, "top_k": pl.Int32})
+        "win_rate_ref": 0.5, "win_rate_bon": 0.2, "win_rate_n": 4, "win_rate_judges": 2,
+        "pareto": False, "sweep": None, "seed": None, **sampling_columns(s)}],
+        schema_overrides={"beta": pl.Float64, "n": pl.Int32, "win_rate_n": pl.Int32,
+                          "win_rate_judges": pl.Int32, "top_k": pl.Int32, "sweep": pl.String,
+                          "seed": pl.Int32})
     write_table(row, tmp_path / "sft.parquet", "eval_summary", {})
     objective = configured_objective_name(s.cdf, s.evaluation.uwo_lambdas)
     bon = pl.DataFrame({"objective": [objective] * 2, "n": [1, 4], "proxy": [0.2, 0.4],
                         "gold": [0.1, 0.3], "kl_analytic": [0.0, 0.64], "kl_ties": [0.0, 0.6],
-                        "win_rate_ref": [0.5, 0.8], "n_prompts": [3, 3], "pool_size": [8, 8]},
-                       schema_overrides={"n": pl.Int32, "n_prompts": pl.Int32,
-                                         "pool_size": pl.Int32})
+                        "win_rate_ref": [0.5, 0.8], "win_rate_judges": [2, 2],
+                        "n_prompts": [3, 3], "pool_size": [8, 8]},
+                       schema_overrides={"n": pl.Int32, "win_rate_judges": pl.Int32,
+                                         "n_prompts": pl.Int32, "pool_size": pl.Int32})
     write_table(bon, tmp_path / "bon.parquet", "bon_curve", {})
     table = summary_table(config, [tmp_path / "sft.parquet"], tmp_path / "bon.parquet")
     assert table.height == 3

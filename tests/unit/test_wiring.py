@@ -14,6 +14,7 @@ import torch
 
 from pipeline_lib.io.tables import read_polars, write_table
 from pipeline_lib.math.ppo_math import gae_advantages
+from pipeline_lib.math.winrate import win_rate
 from pipeline_lib.settings.config import validate_config
 from pipeline_lib.settings.errors import ConfigError
 from pipeline_lib.settings.sections import Settings
@@ -142,7 +143,9 @@ def _cache(p: int, m: int, seed: int = 0) -> pl.DataFrame:
 
 def test_bon_points_win_rate_is_bon_against_a_reference_sample(tmp_path, config):
     """With the proxy equal to gold, the best of n beats a reference sample about n/(n+1) of
-    the time (ties 1/2): the stage reports that, not its complement."""
+    the time (ties 1/2): the stage reports that, not its complement. The reference samples are
+    the held-out judges (the first 64 // 4 = 16 of each prompt), the best of n is drawn from
+    the other 48: n = 1 is their plain win rate against the judges."""
     write_table(_cache(200, 64), tmp_path / "rewards.parquet", "rewards", {})
     cfg = copy.deepcopy(config)
     cfg["evaluation"]["bon_ns"] = [1, 8]
@@ -150,5 +153,7 @@ def test_bon_points_win_rate_is_bon_against_a_reference_sample(tmp_path, config)
     run_bon_curve(cfg, tmp_path / "rewards.parquet", None, tmp_path / "bon.parquet")
     bon = read_polars(tmp_path / "bon.parquet", "bon_curve").filter(pl.col("objective") == "mean")
     win = dict(zip(bon["n"].to_list(), bon["win_rate_ref"].to_list(), strict=True))
-    assert win[1] == pytest.approx(0.5)
+    gold = np.random.default_rng(0).normal(size=(200, 64))  # _cache(200, 64)
+    assert win[1] == pytest.approx(win_rate(gold[:, 16:], gold[:, :16]), abs=1e-12)
+    assert win[1] == pytest.approx(0.5, abs=0.02)
     assert win[8] == pytest.approx(8 / 9, abs=0.02)

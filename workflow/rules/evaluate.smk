@@ -6,7 +6,8 @@ rule bon_curve:
     output:
         f"{R}/eval/bon.parquet",
     params:
-        cfg={**only("cdf", "normalize"), **only("evaluation", "bon_ns", "uwo_lambdas")},
+        cfg={**only("cdf", "normalize"),
+             **only("evaluation", "bon_ns", "uwo_lambdas", "win_rate_judges")},
     log:
         f"{R}/logs/bon_curve.log",
     script:
@@ -45,9 +46,11 @@ rule evaluate:
 
 
 rule summary:
-    """One table and three figures over every policy and BoN point."""
+    """One table and three figures over every policy and BoN point. An imported reference
+    cache trains no policy and has no pi_ref to evaluate: its summary holds the BoN points."""
     input:
-        evals=expand(f"{R}/eval/summary-{{evalpolicy}}.parquet", evalpolicy=EVAL_POLICIES),
+        evals=expand(f"{R}/eval/summary-{{evalpolicy}}.parquet",
+                     evalpolicy=[] if IMPORT else EVAL_POLICIES),
         bon=f"{R}/eval/bon.parquet",
     output:
         table=f"{R}/summary.parquet",
@@ -61,7 +64,35 @@ rule summary:
                        caption="../report/kl_gold.rst"),
         win_rates=report(f"{R}/figures/win_rates.png", category="Methods",
                          caption="../report/win_rates.rst"),
+        kl_win_rate=report(f"{R}/figures/kl_win_rate.png", category="Methods",
+                           caption="../report/kl_win_rate.rst"),
+    params:
+        # the BoN points' objective, win_rate_n and sampling columns (the rest is in its inputs)
+        cfg={**only("cdf", "objective", "uwo_lambda"),
+             **only("evaluation", "uwo_lambdas", "win_rate_n"),
+             **only("generation", "temperature", "top_p", "top_k")},
     log:
         f"{R}/logs/summary.log",
     script:
         "../scripts/summary.py"
+
+
+rule frontier:
+    """Each method sweep's gold and win rate on the BoN points' KL grid, with bootstrap
+    confidence intervals over test prompts and training seeds, and the gap to BoN."""
+    input:
+        unpack(bon_curve_inputs),
+        evals=expand(f"{R}/eval/policy-{{run}}.parquet", run=list(RUNS)),
+        rewards=f"{R}/rewards/test.parquet",
+    output:
+        f"{R}/frontier.parquet",
+    params:
+        runs=list(RUNS),
+        # the runs' sweeps, seeds and knobs; the BoN grid, judges and objective
+        methods=[(r, RUNS[r].sweep, canonical(RUNS[r].as_dict())) for r in RUNS],
+        cfg={**section("seed"), **only("cdf", "objective", "uwo_lambda", "normalize"),
+             **only("evaluation", "bon_ns", "uwo_lambdas", "win_rate_judges")},
+    log:
+        f"{R}/logs/frontier.log",
+    script:
+        "../scripts/frontier.py"
