@@ -20,6 +20,7 @@ hold full prompts for every format but text_prefix. Train and test never share a
 from __future__ import annotations
 
 import bz2
+import dataclasses
 import io
 import logging
 from collections.abc import Sequence
@@ -357,7 +358,11 @@ def prompt_tables(data: TaskData, fmt: str, pc: PromptSettings,
                   seed: int, tokenizer=None) -> dict[str, pl.DataFrame]:
     """The train, test and pref prompt tables of ``data``: prefixes of distinct texts
     (text_prefix; counted in tokens of ``tokenizer`` when given) or distinct full prompts; pref
-    prompts come from train rows that no train prompt was drawn from."""
+    prompts come from train rows that no train prompt was drawn from (none when ``n_pref`` is
+    0: no reward model is trained)."""
+    if pc.n_pref == 0:
+        tables = prompt_tables(data, fmt, dataclasses.replace(pc, n_pref=1), seed, tokenizer)
+        return {**tables, "pref": tables["pref"].clear()}
     if fmt == "text_prefix":
         kw: dict[str, Any] = dict(min_words=pc.min_words, max_words=pc.max_words, seed=seed,
                                   preference=pc.preference, tokenizer=tokenizer)

@@ -3,7 +3,9 @@
 ``corpus.dataset`` names, as :func:`datasets.load_dataset` reads it:
 
 - a hub id (``stanfordnlp/imdb``), with ``corpus.dataset_config`` (load_dataset's ``name``),
-  ``corpus.revision`` and optionally ``corpus.data_files`` (paths inside the repository);
+  ``corpus.revision`` and optionally ``corpus.data_files``: paths inside the repository, read
+  with the builder of their extension (json, parquet, csv), which also reads repositories whose
+  loading script ``datasets`` no longer runs (``tatsu-lab/alpaca_eval``: ``alpaca_eval.json``);
 - a local folder: a hub-style folder (``data/train-00000-of-00001.parquet``, ...), a
   ``hf download --local-dir`` copy, or any folder of Parquet/JSONL/CSV files (splits from the
   file names, or ``corpus.data_files``);
@@ -81,6 +83,8 @@ def load_split(cfg: CorpusSettings, split: str, key: str = "corpus.split"):
                               "split": split}
     if is_local_source(cfg.dataset, cfg.data_files):
         return _load_fresh(cfg.dataset, kwargs, where, key)
+    if cfg.data_files is not None:
+        return _load_hub_files(cfg, kwargs, where, key)
     if cfg.revision is not None:
         kwargs["revision"] = cfg.revision
     try:
@@ -113,6 +117,47 @@ def _load_fresh(path: str, kwargs: Mapping[str, Any], where: str, key: str):
             return datasets.load_dataset(path, cache_dir=tmp, keep_in_memory=True, **kwargs)
         except Exception as exc:  # noqa: BLE001 - reported in one line with the dataset
             raise DatasetSourceError(_explain(exc, where, key)) from exc
+
+
+# load_dataset's packaged builder for each data file extension
+_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv",
+             ".tsv": "csv", ".txt": "text", ".arrow": "arrow"}
+
+
+def _load_hub_files(cfg: CorpusSettings, kwargs: Mapping[str, Any], where: str, key: str):
+    """``corpus.data_files`` of hub dataset ``corpus.dataset``: those files of the repository
+    (from the hub cache, or downloaded), read with the builder of their extension. The
+    repository's loading script, if it has one, is not run (``datasets`` no longer runs
+    scripts; e.g. ``tatsu-lab/alpaca_eval`` is read as ``data_files: alpaca_eval.json``)."""
+    from huggingface_hub import snapshot_download
+
+    patterns = _flat(cfg.data_files)
+    kinds = {_BUILDERS.get(Path(p).suffix.lower()) for p in patterns}
+    if len(kinds) != 1 or None in kinds:
+        raise DatasetSourceError(
+            f"{where}: config key corpus.data_files: {patterns} must all end in one of "
+            f"{sorted(_BUILDERS)} (the builder is chosen by the extension)")
+    try:
+        root = snapshot_download(cfg.dataset, repo_type="dataset", revision=cfg.revision,
+                                 allow_patterns=patterns)
+    except Exception as exc:  # noqa: BLE001 - not cached offline, unknown repo, no network
+        raise DatasetSourceError(_not_cached(cfg, exc)) from None
+    files = _rebase(cfg.data_files, root)
+    missing = [p for p in _flat(files) if not glob.glob(p)]
+    if missing:
+        raise DatasetSourceError(f"{where}: config key corpus.data_files: no file "
+                                 f"{Path(missing[0]).relative_to(root)} in the repository "
+                                 f"snapshot {root}")
+    return _load_fresh(kinds.pop(), {**kwargs, "name": None, "data_files": files}, where, key)
+
+
+def _rebase(value: Any, root: str) -> Any:
+    """``data_files`` (a path, a list or ``{split: paths}``) relative to folder ``root``."""
+    if isinstance(value, Mapping):
+        return {k: _rebase(v, root) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [str(Path(root) / str(v)) for v in value]
+    return str(Path(root) / str(value))
 
 
 def _load_saved(path: str, split: str, key: str, where: str):

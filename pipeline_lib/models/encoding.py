@@ -80,5 +80,7 @@ def decode_responses(tokenizer, responses: Iterable[Iterable[int]],
                      eos_ids: Iterable[int]) -> list[str]:
     """Response texts: the ids without EOS ids and special tokens, decoded."""
     stop = set(eos_ids)
-    return tokenizer.batch_decode([[t for t in r if t not in stop] for r in responses],
-                                  skip_special_tokens=True)
+    seqs = [[t for t in r if t not in stop] for r in responses]
+    if not seqs:  # batch_decode([]) decodes one empty sequence
+        return []
+    return tokenizer.batch_decode(seqs, skip_special_tokens=True)

@@ -26,7 +26,7 @@ from typing import Any
 
 from pipeline_lib.io.datasets import hf_download_command
 from pipeline_lib.io.guard import visible_files
-from pipeline_lib.settings.config import is_hub_id
+from pipeline_lib.settings.config import is_hub_id, looks_like_path
 from pipeline_lib.settings.sections import ModelRef
 
 log = logging.getLogger("pipeline")
@@ -189,6 +189,10 @@ def resolve_model(ref: ModelRef) -> ResolvedModel:
 
     resolved = _local(ref)
     if resolved is None:
+        if looks_like_path(ref.name):
+            raise ModelNotFoundError(
+                f"config key {ref.key}: local model directory {ref.name!r} does not exist (or "
+                "has no config.json)")
         if not is_hub_id(ref.name):
             raise ModelNotFoundError(
                 f"config key {ref.key}: {ref.name!r} is neither a local model directory (with "

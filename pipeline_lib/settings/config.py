@@ -58,12 +58,24 @@ def check_config(config: Mapping[str, Any]) -> Settings:
             "under top-p/top-k a policy's sample can lie outside pi_ref's support, where "
             "log pi_ref = -inf and the KL is infinite; temperature alone is fine")
     check_reference_cache(s)
+    check_win_rate_judges(s)
     if base == "scratch" and s.policy.n_embd % s.policy.n_head:
         raise ConfigError(
             f"config key policy.n_embd ({s.policy.n_embd}) must be divisible by policy.n_head "
             f"({s.policy.n_head})"
         )
     return s
+
+
+def check_win_rate_judges(s: Settings) -> None:
+    """The held-out judges of the win rates leave at least one test sample per prompt to the
+    BoN pool: ``evaluation.win_rate_judges < sampling.M.test``."""
+    judges, m = s.evaluation.win_rate_judges, s.sampling.M.test
+    if judges is not None and judges >= m:
+        raise ConfigError(
+            f"config key evaluation.win_rate_judges ({judges}) must be below sampling.M.test "
+            f"({m}): the first win_rate_judges reference samples of each test prompt are held "
+            "out as the judges of every win_rate_ref, and the BoN points select from the rest")
 
 
 # huggingface_hub's repo id rules (huggingface_hub.utils.validate_repo_id), restated here so
@@ -78,6 +90,13 @@ def is_hub_id(name: str) -> bool:
             and "--" not in name and ".." not in name and not name.endswith(".git"))
 
 
+def looks_like_path(name: str) -> bool:
+    """Whether a model name is written as a filesystem path (absolute, ``./``, ``../``, ``~``,
+    or with more than one ``/``) rather than a hub id."""
+    return (name.startswith(("/", "./", "../", "~"))
+            or (name.count("/") > 1 and "//" not in name and " " not in name))
+
+
 def _check_model_name(name: str, key: str, special: tuple[str, ...] = ()) -> None:
     """A model is named by an existing local model directory or a hub id (checked for syntax
     only: planning needs no model file; the run's preflight resolves it)."""
@@ -89,6 +108,8 @@ def _check_model_name(name: str, key: str, special: tuple[str, ...] = ()) -> Non
             raise ConfigError(f"config key {key}: directory {name!r} is not a Hugging Face model "
                               "directory (no config.json)")
         return
+    if looks_like_path(name):
+        return  # a local directory made before the run (checked by the run's preflight)
     if not is_hub_id(name):
         options = "".join(f"{o!r}, " for o in special)
         raise ConfigError(f"config key {key}: {name!r} is neither {options}an existing local "
@@ -151,8 +172,15 @@ def _check_models(s: Settings) -> None:
         _check_model_name(p.model, f"{key}.model")
         check_scorer_input(key, p.input, p.template)
     c = s.prs_compare
+    if s.default_target == "prs_compare" and not c.enabled:
+        raise ConfigError("config key default_target is 'prs_compare' but prs_compare.enabled "
+                          "is false")
     if c.enabled:
         _check_model_name(c.model, "prs_compare.model", ("sft", "smollm2"))
+        if c.instructions == "dataset" and not c.instruction_data.dataset:
+            raise ConfigError("config key prs_compare.instruction_data.dataset is required with "
+                              "prs_compare.instructions 'dataset' (e.g. tatsu-lab/alpaca_eval "
+                              "with data_files: alpaca_eval.json)")
 
 
 def check_reference_cache(s: Settings) -> None:

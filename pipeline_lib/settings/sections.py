@@ -242,6 +242,19 @@ class PRSSettings:
 
 
 @dataclass(frozen=True)
+class InstructionData:
+    """``prs_compare.instruction_data``: a ``datasets.load_dataset`` source of instructions
+    (read when ``prs_compare.instructions`` is ``dataset``)."""
+
+    dataset: str | None
+    dataset_config: str | None
+    data_files: Any
+    revision: str | None
+    split: str
+    column: str
+
+
+@dataclass(frozen=True)
 class PRSCompareSettings:
     """``prs_compare``: best-of-N with random sampling vs PRS on one model, prompts and scorer."""
 
@@ -250,6 +263,7 @@ class PRSCompareSettings:
     revision: str | None
     trust_remote_code: bool
     instructions: str
+    instruction_data: InstructionData
     n_prompts: int
     ns: tuple[int, ...]
     preference: str | None
@@ -446,9 +460,13 @@ class PreferenceTrainerSettings:
 
 @dataclass(frozen=True)
 class TrainingSettings:
+    """``training``: the trainers' settings, and ``seeds``, the default training seeds of every
+    ``methods`` entry (an entry's own ``seeds`` wins; None: one run per setting, no seed)."""
+
     ppo: PPOSettings
     launch: LaunchSettings
     preference: PreferenceTrainerSettings
+    seeds: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -457,6 +475,15 @@ class EvaluationSettings:
     bon_ns: tuple[int, ...]
     win_rate_n: int
     uwo_lambdas: tuple[float, ...]
+    # held-out reference samples per test prompt that every win_rate_ref is judged against
+    # (None: a quarter of the test M, at least one); see judges()
+    win_rate_judges: int | None = None
+
+    def judges(self, m: int) -> int:
+        """The number ``J`` of held-out judges of a test cache of ``m`` samples per prompt: the
+        first ``J`` samples (by sample_idx) of each prompt; ``evaluation.win_rate_judges``, or
+        ``max(1, m // 4)`` when it is null. The BoN points select from the other ``m - J``."""
+        return self.win_rate_judges if self.win_rate_judges is not None else max(1, m // 4)
 
 
 @dataclass(frozen=True)
@@ -470,6 +497,7 @@ class Settings:
     seed: int
     device: str
     threads: int
+    default_target: str
     corpus: CorpusSettings
     prompts: PromptSettings
     policy: PolicySettings
@@ -499,6 +527,8 @@ class Settings:
         parsed = parse_section(cls, sections, "config")
         keys = {"ppo": {f.name for f in dataclasses.fields(PPOSettings)},
                 "preference": {f.name for f in dataclasses.fields(PreferenceTrainerSettings)}}
-        runs = method_runs(config.get("methods") or [], keys)
+        runs = method_runs(config.get("methods") or [], keys, objective=parsed.cdf.objective,
+                           uwo_lambda=parsed.cdf.uwo_lambda, seeds=parsed.training.seeds,
+                           adaptive_kl=parsed.training.ppo.adaptive_kl)
         return dataclasses.replace(parsed, methods=runs, source=config)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -38,7 +39,8 @@ def run_prompts(
     tokenizer = None
     if s.corpus.format == "text_prefix" and s.prompts.prefix_unit == "tokens":
         tokenizer = load_tokenizer(s.policy.ref)  # prefixes of 2-8 tokens, as in the vBoN paper
-    tables = prompt_tables(data, s.corpus.format, s.prompts, s.seed, tokenizer)
+    pc = s.prompts if s.reward_models.seeds else dataclasses.replace(s.prompts, n_pref=0)
+    tables = prompt_tables(data, s.corpus.format, pc, s.seed, tokenizer)
     prov = provenance(s, "prompts", corpus=data.source)
     for split, path in prompts_out.items():
         write_table(tables[split], path, "prompts", prov)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,24 @@ def run_chatterbot_dataset(out: PathLike) -> None:
         pl.DataFrame(rows).write_ndjson(tmp)
 
 
+def dataset_instructions(s: Settings) -> list[str]:
+    """The non-empty ``prs_compare.instruction_data.column`` values of its dataset split."""
+    from pipeline_lib.io.datasets import DatasetSourceError, load_split
+
+    d = s.prs_compare.instruction_data
+    cfg = dataclasses.replace(s.corpus, dataset=d.dataset, dataset_config=d.dataset_config,
+                              data_files=d.data_files, revision=d.revision, split=d.split)
+    key = "prs_compare.instruction_data"
+    try:
+        ds = load_split(cfg, d.split, f"{key}.split")
+    except DatasetSourceError as exc:  # its messages name the corpus keys it was given
+        raise StageError(str(exc).replace("config key corpus.", f"config key {key}.")) from None
+    if d.column not in ds.column_names:
+        raise StageError(f"{d.dataset}: no column {d.column!r} (config key {key}.column); "
+                         f"columns are {ds.column_names}")
+    return [str(t) for t in ds[d.column] if t]
+
+
 def run_prs_instructions(config: Settings | Mapping[str, Any], out: PathLike,
                          prompts_test: PathLike | None = None) -> None:
     """The comparison's instructions as a prompts table (split 'prs', preference z)."""
@@ -73,6 +92,8 @@ def run_prs_instructions(config: Settings | Mapping[str, Any], out: PathLike,
         texts = read_polars(prompts_test, "prompts")["prompt"].to_list()
     elif source == "chatterbot":
         texts = chatterbot_instructions()
+    elif source == "dataset":
+        texts = dataset_instructions(s)
     else:
         frame = read_text_table(source)
         if "instruction" not in frame.columns:

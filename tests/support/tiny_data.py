@@ -168,21 +168,28 @@ def split_rows(kind: str, n_train: int = 120, n_test: int = 40, seed: int = 0) -
 # ---------------------------------------------------------------------------------------------
 # Layouts
 # ---------------------------------------------------------------------------------------------
-def _card(splits: Sequence[str]) -> str:
-    files = "".join(f"  - split: {s}\n    path: data/{s}-*\n" for s in splits)
-    return f"---\nconfigs:\n- config_name: default\n  data_files:\n{files}---\n# tiny test data\n"
+def _card(splits: Sequence[str], config_name: str = "default") -> str:
+    files = "".join(f"  - split: {s}\n    path: {config_name}/{s}-*\n" for s in splits)
+    return (f"---\nconfigs:\n- config_name: {config_name}\n  data_files:\n{files}---\n"
+            "# tiny test data\n")
 
 
-def write_parquet_folder(root: str | Path, splits: Mapping[str, Rows]) -> Path:
-    """A hub-style dataset folder: ``README.md`` and ``data/<split>-00000-of-00001.parquet``."""
+def write_parquet_folder(root: str | Path, splits: Mapping[str, Rows],
+                         config_name: str | None = None) -> Path:
+    """A hub-style dataset folder: ``README.md`` and ``data/<split>-00000-of-00001.parquet``
+    (with ``config_name``: that configuration, in ``<config_name>/``, as multi-config repos
+    such as tatsu-lab/alpaca_farm lay them out)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     root = Path(root)
-    (root / "data").mkdir(parents=True, exist_ok=True)
+    folder = config_name or "data"
+    (root / folder).mkdir(parents=True, exist_ok=True)
     for split, rows in splits.items():
-        pq.write_table(pa.Table.from_pylist(rows), root / "data" / f"{split}-00000-of-00001.parquet")
-    (root / "README.md").write_text(_card(list(splits)))
+        pq.write_table(pa.Table.from_pylist(rows), root / folder / f"{split}-00000-of-00001.parquet")
+    card = _card(list(splits), config_name or "default")
+    (root / "README.md").write_text(card if config_name else card.replace("path: default/",
+                                                                          "path: data/"))
     return root
 
 
@@ -208,15 +215,36 @@ def write_saved(root: str | Path, splits: Mapping[str, Rows]) -> Path:
 
 
 def write_hub_dataset(cache: str | Path, repo_id: str, splits: Mapping[str, Rows],
-                      commit: str | None = None) -> Path:
+                      commit: str | None = None, config_name: str | None = None) -> Path:
     """The dataset repository of :func:`write_parquet_folder` placed in hub cache ``cache``
     under ``repo_id`` (``refs/main`` -> ``commit``, a fake 40-hex hash by default); returns the
     snapshot folder."""
+    return write_hub_repo(cache, repo_id, lambda staging: write_parquet_folder(
+        staging, splits, config_name), commit)
+
+
+def write_hub_files(cache: str | Path, repo_id: str, files: Mapping[str, str | bytes],
+                    commit: str | None = None) -> Path:
+    """A dataset repository of the given files (relative path -> content) in hub cache
+    ``cache`` under ``repo_id``; returns the snapshot folder."""
+    def write(staging: Path) -> None:
+        for rel, content in files.items():
+            path = staging / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content.encode() if isinstance(content, str) else content)
+
+    return write_hub_repo(cache, repo_id, write, commit)
+
+
+def write_hub_repo(cache: str | Path, repo_id: str, write, commit: str | None = None) -> Path:
+    """The files ``write(folder)`` writes, placed in hub cache ``cache`` as dataset repository
+    ``repo_id`` (blobs, ``refs/main`` -> ``commit``, snapshot symlinks); returns the snapshot."""
     cache = Path(cache)
     repo = cache / f"datasets--{repo_id.replace('/', '--')}"
     commit = commit or hashlib.sha1(f"dataset:{repo_id}".encode()).hexdigest()
     staging = repo / ".staging"
-    write_parquet_folder(staging, splits)
+    staging.mkdir(parents=True, exist_ok=True)
+    write(staging)
     snapshot = repo / "snapshots" / commit
     for src in sorted(p for p in staging.rglob("*") if p.is_file()):
         data = src.read_bytes()

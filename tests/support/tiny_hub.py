@@ -221,7 +221,7 @@ def tiny_gpt2(seed: int = 0, n_layer: int = 2):
     return GPT2LMHeadModel(config), tok
 
 
-def tiny_pythia(seed: int = 0):
+def tiny_pythia(seed: int = 0, n_layer: int = 2):
     """(GPTNeoXForCausalLM, tokenizer), Pythia's shape: rotary on a quarter of each head,
     parallel residual, untied output embedding."""
     import torch
@@ -229,7 +229,7 @@ def tiny_pythia(seed: int = 0):
 
     tok = pythia_tokenizer()
     torch.manual_seed(seed)
-    config = GPTNeoXConfig(vocab_size=len(tok), hidden_size=HIDDEN, num_hidden_layers=2,
+    config = GPTNeoXConfig(vocab_size=len(tok), hidden_size=HIDDEN, num_hidden_layers=n_layer,
                            num_attention_heads=2, intermediate_size=4 * HIDDEN,
                            max_position_embeddings=128, rotary_pct=0.25,
                            use_parallel_residual=True, tie_word_embeddings=False,

@@ -123,3 +123,8 @@ def test_decoded_responses_drop_every_eos(chat_tok):
     ids = chat_tok("hello there", add_special_tokens=False)["input_ids"]
     assert decode_responses(chat_tok, [ids + [end]], [chat_tok.eos_token_id, end]) == \
         [chat_tok.decode(ids)]
+
+
+def test_no_responses_decode_to_no_texts(chat_tok):
+    """An empty sampling shard (all its prompt groups went to the other shards) has none."""
+    assert decode_responses(chat_tok, [], [chat_tok.eos_token_id]) == []

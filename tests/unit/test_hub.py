@@ -26,6 +26,7 @@ from pipeline_lib.models.hub import (
 from pipeline_lib.settings.config import is_hub_id, validate_config
 from pipeline_lib.settings.errors import ConfigError
 from pipeline_lib.settings.sections import ModelRef, Settings
+from pipeline_lib.stages.preflight import check_models
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "data" / "tiny.yaml"
@@ -164,8 +165,11 @@ def test_a_missing_hub_id_offline_is_one_line_naming_key_id_revision_and_command
 
 
 def test_a_name_that_is_neither_a_directory_nor_a_hub_id_names_the_key(tiny_hub, tmp_path):
-    with pytest.raises(ModelNotFoundError, match="config key gold.model: .* neither"):
+    with pytest.raises(ModelNotFoundError, match="config key gold.model: local model directory "
+                       ".* does not exist"):
         resolve_model(ModelRef(str(tmp_path / "missing" / "model"), key="gold.model"))
+    with pytest.raises(ModelNotFoundError, match="config key gold.model: .* neither"):
+        resolve_model(ModelRef("no model!", key="gold.model"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelNotFoundError, match="policy.base: .*no config.json"):
         loading.load_tokenizer(tmp_path / "empty")
@@ -314,11 +318,10 @@ def test_hub_id_syntax_follows_huggingface_hub(name, ok):
 
 
 @pytest.mark.parametrize("sections, message", [
-    ({"policy": {"base": "/nonexistent/model"}}, "config key policy.base: .* neither 'scratch'"),
-    ({"policy": {"base": "not/a/hub/id"}}, "policy.base"),
     ({"sft": {"enabled": False}}, "config key sft.enabled is false but policy.base is 'scratch'"),
     ({"gold": {"type": "hf"}}, "config key gold.model is required"),
     ({"gold": {"type": "hf", "model": "x//y"}}, "config key gold.model"),
+    ({"policy": {"base": "org/na me"}}, "config key policy.base: .* neither 'scratch'"),
     ({"gold": {"type": "hf", "model": "o/m", "input": "template"}}, "gold.template is required"),
     ({"gold": {"type": "hf", "model": "o/m", "input": "template", "template": "{prompt}"}},
      r"gold.template must contain \{response\}"),
@@ -326,21 +329,36 @@ def test_hub_id_syntax_follows_huggingface_hub(name, ok):
                "template": "{title}: {prompt} {response}"}}, r"gold.template names slot \{title\}"),
     ({"gold": {"type": "hf", "model": "o/m", "template": "{prompt} {response}"}},
      "gold.template is set but gold.input is 'concat'"),
-    ({"reward_models": {"base": "a/b/c"}}, "config key reward_models.base"),
     ({"reward_models": {"seeds": [], "pretrained": []}}, "no member"),
-    ({"reward_models": {"pretrained": [{"name": "x", "model": "../x/y"}]}},
-     r"reward_models.pretrained\[0\].model"),
     ({"reward_models": {"pretrained": [{"name": "x", "model": "o/m", "input": "template",
                                         "template": "{} {response}"}]}},
      r"reward_models.pretrained\[0\].template names slot \{\}"),
     ({"reward_models": {"seeds": [1], "pretrained": [{"name": "seed1", "model": "o/m"}]}},
      "rm-seed1 is already"),
-    ({"prs_compare": {"enabled": True, "model": "/no/such/dir"}}, "config key prs_compare.model"),
 ])
 def test_bad_model_settings_are_one_line_naming_the_key(sections, message):
     with pytest.raises(ConfigError, match=message) as err:
         tiny_config(**sections)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("sections, key", [
+    ({"policy": {"base": "/nonexistent/model"}}, "policy.base"),
+    ({"policy": {"base": "not/a/hub/id"}}, "policy.base"),
+    ({"reward_models": {"base": "a/b/c"}}, "reward_models.base"),
+    ({"reward_models": {"pretrained": [{"name": "x", "model": "../x/y"}]}},
+     "reward_models.pretrained[0].model"),
+    ({"prs_compare": {"enabled": True, "model": "/no/such/dir"}}, "prs_compare.model"),
+])
+def test_a_missing_local_directory_is_planned_then_refused_before_the_first_job(sections, key,
+                                                                                tiny_hub):
+    """A model written as a path may be made before the run (e.g. a weight diff applied): the
+    plan needs no model file; the preflight refuses it, naming the key and the path."""
+    s = Settings.from_config(tiny_config(**sections))
+    with pytest.raises(ConfigError) as err:
+        check_models(s)
+    assert f"config key {key}: local model directory" in str(err.value)
+    assert "does not exist" in str(err.value)
 
 
 def test_pretrained_members_alone_make_an_ensemble():

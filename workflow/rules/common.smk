@@ -269,6 +269,11 @@ def prs_instruction_inputs(wildcards):
     source = config["prs_compare"]["instructions"]
     if source == "prompts-test":
         return {"prompts_test": f"{R}/data/prompts-test.parquet"}
+    if source == "dataset":  # the local files of a datasets source (none for a hub id)
+        from pipeline_lib.io.datasets import local_dataset_files
+
+        d = config["prs_compare"]["instruction_data"]
+        return {"instruction_data": local_dataset_files(d["dataset"], d["data_files"])}
     if source != "chatterbot":  # a local CSV/Parquet/JSONL of instructions
         return {"instructions_file": source}
     return {}

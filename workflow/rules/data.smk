@@ -12,8 +12,9 @@ rule prompts:
         corpus_test=f"{R}/data/corpus-test.parquet",
     params:
         # sft.enabled: the stage refuses a format without SFT targets when SFT is on
+        # reward_models.seeds: no pref prompts are drawn when no reward model is trained
         cfg={**section("seed", "corpus", "prompts"), **only("sft", "enabled"),
-             **prefix_tokenizer_settings()[0]},
+             **only("reward_models", "seeds"), **prefix_tokenizer_settings()[0]},
     log:
         f"{R}/logs/prompts.log",
     script:
