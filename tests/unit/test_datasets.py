@@ -645,3 +645,68 @@ def test_text_prefixes_in_tokens_of_the_policy_tokenizer(tmp_path, tiny_hub):
     assert min(lengths) >= 2 and max(lengths) <= 5 and len(set(lengths)) > 1
     with pytest.raises(ConfigError, match="prompts.prefix_unit"):
         load_config(ROOT / "tests/data/tiny.yaml", {"prompts": {"prefix_unit": "tokens"}})
+
+
+def test_hub_data_files_are_read_by_extension_without_running_a_loading_script(tmp_path,
+                                                                              offline_hub):
+    """A hub dataset that still ships a loading script (tatsu-lab/alpaca_eval: alpaca_eval.py +
+    alpaca_eval.json) is read through corpus.data_files with the json builder; the script never
+    runs. A missing file or mixed extensions are one-line errors naming the key."""
+    from support.tiny_data import write_hub_files
+
+    rows = [{"instruction": f"say {w}", "output": w} for w in ("hi", "yes", "no")]
+    write_hub_files(offline_hub, "org/script-data", {
+        "script-data.py": "raise RuntimeError('the loading script ran')\n",
+        "data/eval.json": json.dumps(rows), "data/other.csv": "a\n1\n"})
+    base = {"dataset": "org/script-data", "group_column": None, "filter": None}
+    ds = load_split(settings({**base, "data_files": "data/eval.json"}).corpus, "train")
+    assert ds["instruction"] == [r["instruction"] for r in rows]
+    with pytest.raises(DatasetSourceError, match="config key corpus.data_files: no file "
+                                                 "data/missing.json in the repository"):
+        load_split(settings({**base, "data_files": "data/missing.json"}).corpus, "train")
+    with pytest.raises(DatasetSourceError, match="config key corpus.data_files: .* must all "
+                                                 "end in one of"):
+        load_split(settings({**base, "data_files": ["data/eval.json", "data/other.csv"]}).corpus,
+                   "train")
+    with pytest.raises(DatasetSourceError, match="hf download org/absent --repo-type dataset"):
+        load_split(settings({**base, "dataset": "org/absent",
+                             "data_files": "x.json"}).corpus, "train")
+
+
+def test_prs_instructions_from_a_dataset(tmp_path, offline_hub, config):
+    """prs_compare.instructions 'dataset' reads instruction_data through load_split; its
+    errors name the prs_compare keys."""
+    from support.tiny_data import write_hub_files
+
+    from pipeline_lib.stages.common import StageError
+    from pipeline_lib.stages.prs_instructions import run_prs_instructions
+
+    rows = [{"instruction": f"question {i}?", "output": "a"} for i in range(6)]
+    write_hub_files(offline_hub, "org/evalset", {"evalset.py": "raise RuntimeError\n",
+                                                  "evalset.json": json.dumps(rows)})
+    cfg = copy.deepcopy(config)
+    cfg["prs_compare"].update(instructions="dataset", n_prompts=4, instruction_data={
+        "dataset": "org/evalset", "data_files": "evalset.json", "split": "train",
+        "column": "instruction"})
+    cfg = load_config_dict(cfg)
+    run_prs_instructions(cfg, tmp_path / "prs.parquet")
+    got = read_polars(tmp_path / "prs.parquet", "prompts")["prompt"].to_list()
+    assert len(got) == 4 and set(got) <= {r["instruction"] for r in rows}
+    cfg["prs_compare"]["instruction_data"]["column"] = "question"
+    with pytest.raises(StageError, match=r"no column 'question' \(config key "
+                                         r"prs_compare.instruction_data.column\)"):
+        run_prs_instructions(cfg, tmp_path / "prs2.parquet")
+    cfg["prs_compare"]["instruction_data"].update(dataset="org/none", column="instruction")
+    with pytest.raises(StageError, match="config key prs_compare.instruction_data.dataset: "
+                                         "'org/none' is not a local folder"):
+        run_prs_instructions(cfg, tmp_path / "prs3.parquet")
+    bad = copy.deepcopy(config)
+    bad["prs_compare"].update(instructions="dataset")
+    with pytest.raises(ConfigError, match="prs_compare.instruction_data.dataset is required"):
+        load_config_dict(bad)
+
+
+def load_config_dict(cfg: dict) -> dict:
+    from pipeline_lib.settings.config import validate_config
+
+    return validate_config(copy.deepcopy(cfg))
