@@ -223,6 +223,18 @@ SCHEMAS: dict[str, pa.Schema] = {
                doc="the methods entry the run belongs to (MethodRun.sweep); null for sft, bon"),
             _f("seed", pa.int32(), nullable=True,
                doc="the run's training seed (an entry with seeds); null otherwise"),
+            # budget (summary only; pipeline_lib.stages.budget): null in an evaluate row
+            _f("reference_samples", pa.int64(), nullable=True,
+               doc="cached reference samples the run trains on (vbon/bond: M per train prompt; "
+                   "pair methods: n per train prompt); BoN: n per test prompt at inference"),
+            _f("policy_samples", pa.int64(), nullable=True,
+               doc="fresh policy samples drawn in training (PPO rollouts)"),
+            _f("tokens_generated", pa.int64(), nullable=True,
+               doc="response tokens of those samples"),
+            _f("reward_model_calls", pa.int64(), nullable=True,
+               doc="proxy scorings in training (samples x members); BoN: of its n samples"),
+            _f("train_steps", pa.int64(), nullable=True, doc="logged training steps"),
+            _f("train_wall_s", pa.float64(), nullable=True, doc="training wall time (s)"),
             # the sampling distribution that pi and pi_ref (and so kl, kl_k3) refer to
             _f("temperature", pa.float64(), doc="generation.temperature of pi and pi_ref"),
             _f("top_p", pa.float64(), doc="generation.top_p (1 = no nucleus truncation)"),

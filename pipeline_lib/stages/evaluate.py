@@ -19,6 +19,7 @@ from pipeline_lib.models.loading import load_causal_lm
 from pipeline_lib.models.scorers import gold_scorer
 from pipeline_lib.settings.methods import MethodRun, kl_coefficient
 from pipeline_lib.settings.sections import Settings
+from pipeline_lib.stages.budget import BUDGET_COLUMNS, BUDGET_TYPES
 from pipeline_lib.stages.bon_curve import held_out_judges
 from pipeline_lib.stages.common import PathLike, StageError, provenance, setup_job
 from pipeline_lib.stages.generate import (
@@ -86,10 +87,11 @@ def run_evaluate(
         "pareto": False,
         "sweep": s.methods[name].sweep if name in s.methods else None,
         "seed": s.methods[name].seed if name in s.methods else None,
+        **dict.fromkeys(BUDGET_COLUMNS),  # the summary fills them from the training logs
         **sampling_columns(s),
     }], schema_overrides={"beta": pl.Float64, "n": pl.Int32, "win_rate_n": pl.Int32,
                           "win_rate_judges": pl.Int32, "top_k": pl.Int32, "sweep": pl.String,
-                          "seed": pl.Int32})
+                          "seed": pl.Int32, **BUDGET_TYPES})
     log.info("evaluation %s: %s", name, summary.row(0, named=True))
     write_table(summary, summary_out, "eval_summary", provenance(s, "evaluate", policy=name))
 

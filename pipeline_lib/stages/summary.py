@@ -12,6 +12,7 @@ from pipeline_lib.io.schemas import SCHEMAS
 from pipeline_lib.io.tables import read_polars, write_table
 from pipeline_lib.math.frontier import pareto_flags_se
 from pipeline_lib.settings.sections import Settings
+from pipeline_lib.stages.budget import BUDGET_COLUMNS, BUDGET_TYPES, bon_budget, run_budget
 from pipeline_lib.stages.common import PathLike, StageError, provenance
 from pipeline_lib.stages.figures import (
     plot_bon_curves,
@@ -26,7 +27,8 @@ PARETO_Z = 1.96  # a row is dominated only beyond this many combined standard er
 
 
 def summary_table(config: Settings | Mapping[str, Any], evals: Sequence[PathLike],
-                  bon_path: PathLike) -> pl.DataFrame:
+                  bon_path: PathLike,
+                  train_logs: Mapping[str, PathLike] | None = None) -> pl.DataFrame:
     """Every policy's summary row plus the BoN points of the configured objective, with the
     (KL, gold) Pareto frontier marked over all of them.
 
@@ -34,7 +36,9 @@ def summary_table(config: Settings | Mapping[str, Any], evals: Sequence[PathLike
     the BoN points alone. A BoN point's ``win_rate_ref`` and ``win_rate_judges`` come from the
     BoN table (best-of-n of the non-judge samples against the held-out judges, the judges of the
     policies' ``win_rate_ref``); its ``win_rate_n`` is ``evaluation.win_rate_n`` capped at M, as
-    in :func:`pipeline_lib.stages.evaluate.run_evaluate`."""
+    in :func:`pipeline_lib.stages.evaluate.run_evaluate`. The budget columns of a run come
+    from its training log in ``train_logs`` (run name -> path), a BoN point's from its n
+    (:mod:`pipeline_lib.stages.budget`)."""
     s = Settings.from_config(config)
     schema = pl.from_arrow(SCHEMAS["eval_summary"].empty_table()).schema
     rows = pl.concat([read_polars(p, "eval_summary").cast(schema) for p in evals]
@@ -60,14 +64,32 @@ def summary_table(config: Settings | Mapping[str, Any], evals: Sequence[PathLike
         .alias("win_rate_n"),
         pl.col("win_rate_judges"), pl.lit(False).alias("pareto"),
         pl.lit(None, pl.String).alias("sweep"), pl.lit(None, pl.Int32).alias("seed"),
+        *(pl.Series(k, [bon_budget(s, int(n), int(p))[k] for n, p in
+                        zip(bon["n"], bon["n_prompts"], strict=True)], dtype=BUDGET_TYPES[k])
+          for k in BUDGET_COLUMNS),
         # BoN's KL refers to pi_ref at the cache's sampling distribution (generation section)
         *(pl.lit(v).alias(k) for k, v in sampling_columns(s).items()),
     ).with_columns(pl.when(pl.col("n") == 1).then(None).otherwise(pl.col("beta")).alias("beta"))
+    rows = _with_run_budgets(s, rows, train_logs or {}, schema)
     table = pl.concat([rows, bon_rows.select(list(schema)).cast(schema)])
     front = pareto_flags_se(table["kl"].to_numpy(), table["gold"].to_numpy(),
                             table["gold_se"].fill_null(0.0).to_numpy(),
                             table["kl_se"].fill_null(0.0).to_numpy(), z=PARETO_Z)
     return table.with_columns(pl.Series("pareto", front))
+
+
+def _with_run_budgets(s: Settings, rows: pl.DataFrame, train_logs: Mapping[str, PathLike],
+                      schema) -> pl.DataFrame:
+    """``rows`` with each method run's budget columns filled from its training log."""
+    if rows.height == 0 or not train_logs:
+        return rows
+    budgets = [{"policy": name, **run_budget(s, s.methods[name], read_polars(path, "policy_log"))}
+               for name, path in train_logs.items() if name in s.methods]
+    if not budgets:
+        return rows
+    filled = pl.DataFrame(budgets, schema={"policy": pl.String, **BUDGET_TYPES})
+    out = rows.drop(BUDGET_COLUMNS).join(filled, on="policy", how="left", maintain_order="left")
+    return out.select(list(schema)).cast(schema)
 
 
 def sweep_points_table(table: pl.DataFrame) -> pl.DataFrame:
@@ -90,11 +112,12 @@ def sweep_points_table(table: pl.DataFrame) -> pl.DataFrame:
 
 def run_summary(config: Settings | Mapping[str, Any], evals: Sequence[PathLike], bon_path: PathLike,
                 out: PathLike, figures: Mapping[str, PathLike],
-                csv: Mapping[str, PathLike] | None = None) -> None:
+                csv: Mapping[str, PathLike] | None = None,
+                train_logs: Mapping[str, PathLike] | None = None) -> None:
     """summary.parquet, CSV copies for the HTML report, and the three figures; with no policy
     evaluation (``evals`` empty: an imported cache) the BoN points and curves alone."""
     s = Settings.from_config(config)
-    table = summary_table(s, evals, bon_path)
+    table = summary_table(s, evals, bon_path, train_logs)
     write_table(table, out, "eval_summary", provenance(s, "summary"))
     bon = read_polars(bon_path, "bon_curve")
     for frame, path in ((table, (csv or {}).get("summary")), (bon, (csv or {}).get("bon"))):

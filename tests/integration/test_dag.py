@@ -52,6 +52,7 @@ TABLES = {
     "eval/policy-sft.parquet": "eval_samples",
     "eval/policy-vbon-n4-exact.parquet": "eval_samples",
     "summary.parquet": "eval_summary",
+    "frontier.parquet": "frontier",
     "data/prs-instructions.parquet": "prompts",
     "prs/samples.parquet": "prs_samples",
     "prs/compare.parquet": "prs_compare",
@@ -279,6 +280,30 @@ def test_evaluation_summary_and_figures(run):
     assert (bon["kl_ties"] <= bon["kl_analytic"] + 1e-12).all()
     samples = read_polars(run / "eval/policy-sft.parquet", "eval_samples")
     assert samples.height == cfg()["prompts"]["n_test"] * 8
+    # budget: PPO runs drew rollout_batch_size samples per logged step, each scored by both
+    # seeds; vbon read the whole train cache, dpo the first n of each train prompt
+    c = cfg()
+    for name in ("ppo-b0.05", "vbon-n4-exact"):
+        log = read_polars(run / f"logs/train-{name}.parquet", "policy_log")
+        row = summary.filter(pl.col("policy") == name).row(0, named=True)
+        batch = c["training"]["ppo"]["rollout_batch_size"]
+        assert row["train_steps"] == log.height == c["training"]["ppo"]["steps"]
+        assert row["policy_samples"] == log.height * batch
+        assert row["reward_model_calls"] == log.height * batch * 2
+        assert row["tokens_generated"] == round(log["response_length"].sum() * batch)
+        assert row["train_wall_s"] == log["elapsed_s"].max()
+    m_train, n_train = c["sampling"]["M"]["train"], c["prompts"]["n_train"]
+    by_name = {r["policy"]: r for r in summary.iter_rows(named=True)}
+    assert by_name["vbon-n4-exact"]["reference_samples"] == n_train * m_train
+    assert by_name["ppo-b0.05"]["reference_samples"] == 0
+    assert by_name["dpo-n4-b0.1"]["reference_samples"] == n_train * 4
+    assert by_name["dpo-n4-b0.1"]["policy_samples"] == 0
+    assert by_name["bon-n4"]["reference_samples"] == 4 * c["prompts"]["n_test"]
+    assert by_name["sft"]["train_steps"] is None
+    # the frontier: one sweep per entry (tiny has no lists: one point each, one seed)
+    frontier = read_polars(run / "frontier.parquet", "frontier")
+    assert set(frontier["sweep"]) == set(RUNS) and set(frontier["n_points"]) == {1}
+    assert set(frontier["metric"]) == {"gold", "win_rate"}
     for fig in ("bon_curves", "kl_gold", "win_rates", "kl_win_rate"):
         assert (run / f"figures/{fig}.png").stat().st_size > 10_000
 

@@ -274,6 +274,7 @@ def test_summary_records_the_sampling_distribution(config, tmp_path) -> None:
 
     from pipeline_lib.io.tables import write_table
     from pipeline_lib.settings.sections import Settings
+    from pipeline_lib.stages.budget import BUDGET_COLUMNS, BUDGET_TYPES
     from pipeline_lib.stages.generate import sampling_columns
     from pipeline_lib.stages.reward_cache import configured_objective_name
     from pipeline_lib.stages.summary import summary_table
@@ -284,10 +285,11 @@ def test_summary_records_the_sampling_distribution(config, tmp_path) -> None:
         "policy": "sft", "method": "sft", "beta": None, "n": None, "gold": 0.1, "gold_se": 0.01,
         "proxy": 0.2, "kl": 0.0, "kl_se": 0.0, "kl_estimator": "k1", "kl_k3": 0.0,
         "win_rate_ref": 0.5, "win_rate_bon": 0.2, "win_rate_n": 4, "win_rate_judges": 2,
-        "pareto": False, "sweep": None, "seed": None, **sampling_columns(s)}],
+        "pareto": False, "sweep": None, "seed": None, **dict.fromkeys(BUDGET_COLUMNS),
+        **sampling_columns(s)}],
         schema_overrides={"beta": pl.Float64, "n": pl.Int32, "win_rate_n": pl.Int32,
                           "win_rate_judges": pl.Int32, "top_k": pl.Int32, "sweep": pl.String,
-                          "seed": pl.Int32})
+                          "seed": pl.Int32, **BUDGET_TYPES})
     write_table(row, tmp_path / "sft.parquet", "eval_summary", {})
     objective = configured_objective_name(s.cdf, s.evaluation.uwo_lambdas)
     bon = pl.DataFrame({"objective": [objective] * 2, "n": [1, 4], "proxy": [0.2, 0.4],

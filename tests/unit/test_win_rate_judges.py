@@ -19,6 +19,7 @@ from pipeline_lib.settings.sections import Settings
 from pipeline_lib.stages.bon_curve import run_bon_curve
 from pipeline_lib.stages.common import StageError
 from pipeline_lib.stages.evaluate import policy_win_rates
+from pipeline_lib.stages.budget import BUDGET_COLUMNS, BUDGET_TYPES
 from pipeline_lib.stages.generate import sampling_columns
 from pipeline_lib.stages.reward_cache import configured_objective_name
 from pipeline_lib.stages.summary import run_summary, summary_table
@@ -146,11 +147,12 @@ def _policy_row(s: Settings, judges: int, **values) -> pl.DataFrame:
         "policy": "sft", "method": "sft", "beta": None, "n": None, "gold": 0.1, "gold_se": 0.01,
         "proxy": 0.2, "kl": 0.0, "kl_se": 0.0, "kl_estimator": "k1", "kl_k3": 0.0,
         "win_rate_ref": 0.5, "win_rate_bon": 0.2, "win_rate_n": 8, "win_rate_judges": judges,
-        "pareto": False, "sweep": None, "seed": None, **sampling_columns(s)}
+        "pareto": False, "sweep": None, "seed": None, **dict.fromkeys(BUDGET_COLUMNS),
+        **sampling_columns(s)}
     return pl.DataFrame([{**row, **values}],
                         schema_overrides={"beta": pl.Float64, "n": pl.Int32, "win_rate_n": pl.Int32,
                                           "win_rate_judges": pl.Int32, "top_k": pl.Int32,
-                                          "sweep": pl.String, "seed": pl.Int32})
+                                          "sweep": pl.String, "seed": pl.Int32, **BUDGET_TYPES})
 
 
 def test_summary_without_policy_evaluations_is_the_bon_points(tmp_path, config):

@@ -51,6 +51,7 @@ rule summary:
     input:
         evals=expand(f"{R}/eval/summary-{{evalpolicy}}.parquet",
                      evalpolicy=[] if IMPORT else EVAL_POLICIES),
+        logs=expand(f"{R}/logs/train-{{run}}.parquet", run=list(RUNS)),
         bon=f"{R}/eval/bon.parquet",
     output:
         table=f"{R}/summary.parquet",
@@ -70,7 +71,12 @@ rule summary:
         # the BoN points' objective, win_rate_n and sampling columns (the rest is in its inputs)
         cfg={**only("cdf", "objective", "uwo_lambda"),
              **only("evaluation", "uwo_lambdas", "win_rate_n"),
-             **only("generation", "temperature", "top_p", "top_k")},
+             **only("generation", "temperature", "top_p", "top_k"),
+             # the budget columns: cache sizes, members, the runs' trainer settings
+             **only("prompts", "n_train"), **only("sampling", "M"),
+             **only("reward_models", "seeds", "pretrained"),
+             **only("reference_cache", "proxies"), **only("training", "ppo")},
+        runs=[(r, RUNS[r].sweep, canonical(RUNS[r].as_dict())) for r in RUNS],
     log:
         f"{R}/logs/summary.log",
     script:

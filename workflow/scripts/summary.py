@@ -10,6 +10,8 @@ with job_logging(snakemake.log[0], snakemake.rule):
         bon_path=snakemake.input.bon,
         out=out.table,
         csv={"summary": out.table_csv, "bon": out.bon_csv},
+        train_logs=dict(zip([r for r, _, _ in snakemake.params.runs], snakemake.input.logs,
+                            strict=True)),
         figures={"bon_curves": out.bon_curves, "kl_gold": out.kl_gold, "win_rates": out.win_rates,
                  "kl_win_rate": out.kl_win_rate},
     )
