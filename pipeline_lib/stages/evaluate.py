@@ -19,8 +19,8 @@ from pipeline_lib.models.loading import load_causal_lm
 from pipeline_lib.models.scorers import gold_scorer
 from pipeline_lib.settings.methods import MethodRun, kl_coefficient
 from pipeline_lib.settings.sections import Settings
-from pipeline_lib.stages.budget import BUDGET_COLUMNS, BUDGET_TYPES
 from pipeline_lib.stages.bon_curve import held_out_judges
+from pipeline_lib.stages.budget import BUDGET_COLUMNS, BUDGET_TYPES
 from pipeline_lib.stages.common import PathLike, StageError, provenance, setup_job
 from pipeline_lib.stages.generate import (
     generate_table,

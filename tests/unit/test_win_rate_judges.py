@@ -17,9 +17,9 @@ from pipeline_lib.settings.config import check_config, validate_config
 from pipeline_lib.settings.errors import ConfigError
 from pipeline_lib.settings.sections import Settings
 from pipeline_lib.stages.bon_curve import run_bon_curve
+from pipeline_lib.stages.budget import BUDGET_COLUMNS, BUDGET_TYPES
 from pipeline_lib.stages.common import StageError
 from pipeline_lib.stages.evaluate import policy_win_rates
-from pipeline_lib.stages.budget import BUDGET_COLUMNS, BUDGET_TYPES
 from pipeline_lib.stages.generate import sampling_columns
 from pipeline_lib.stages.reward_cache import configured_objective_name
 from pipeline_lib.stages.summary import run_summary, summary_table
