@@ -85,9 +85,8 @@ def run_evaluate(
         "kl_k3": float(samples["k3_sum"].to_numpy().sum() / max(samples["n_tokens"].sum(), 1)),
         **policy_win_rates(s, pol_gold, ref_proxy, ref_gold, str(test_rewards)),
         "pareto": False,
-        "sweep": s.methods[name].sweep if name in s.methods else None,
-        "seed": s.methods[name].seed if name in s.methods else None,
-        **dict.fromkeys(BUDGET_COLUMNS),  # the summary fills them from the training logs
+        # the summary fills these: the run's sweep and seed, and its budget (training logs)
+        "sweep": None, "seed": None, **dict.fromkeys(BUDGET_COLUMNS),
         **sampling_columns(s),
     }], schema_overrides={"beta": pl.Float64, "n": pl.Int32, "win_rate_n": pl.Int32,
                           "win_rate_judges": pl.Int32, "top_k": pl.Int32, "sweep": pl.String,

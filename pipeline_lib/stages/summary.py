@@ -70,12 +70,22 @@ def summary_table(config: Settings | Mapping[str, Any], evals: Sequence[PathLike
         # BoN's KL refers to pi_ref at the cache's sampling distribution (generation section)
         *(pl.lit(v).alias(k) for k, v in sampling_columns(s).items()),
     ).with_columns(pl.when(pl.col("n") == 1).then(None).otherwise(pl.col("beta")).alias("beta"))
-    rows = _with_run_budgets(s, rows, train_logs or {}, schema)
+    rows = _with_run_budgets(s, _with_sweeps(s, rows), train_logs or {}, schema)
     table = pl.concat([rows, bon_rows.select(list(schema)).cast(schema)])
     front = pareto_flags_se(table["kl"].to_numpy(), table["gold"].to_numpy(),
                             table["gold_se"].fill_null(0.0).to_numpy(),
                             table["kl_se"].fill_null(0.0).to_numpy(), z=PARETO_Z)
     return table.with_columns(pl.Series("pareto", front))
+
+
+def _with_sweeps(s: Settings, rows: pl.DataFrame) -> pl.DataFrame:
+    """``rows`` with each method run's ``sweep`` and training ``seed`` (null for sft)."""
+    runs = s.methods
+    return rows.with_columns(
+        pl.col("policy").map_elements(lambda p: runs[p].sweep if p in runs else None,
+                                      return_dtype=pl.String).alias("sweep"),
+        pl.col("policy").map_elements(lambda p: runs[p].seed if p in runs else None,
+                                      return_dtype=pl.Int32).alias("seed"))
 
 
 def _with_run_budgets(s: Settings, rows: pl.DataFrame, train_logs: Mapping[str, PathLike],

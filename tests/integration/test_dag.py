@@ -476,9 +476,10 @@ def test_a_setting_reruns_only_the_jobs_that_read_it(run, tmp_path):
     # `prs` only guides PRS sampling (tiny.yaml samples at random) and the PRS comparison
     assert params_changed(lambda c: c["prs"].update(feedback_max_new_tokens=9)) == {
         "prs_compare[]"}
-    # the BoN-curve grid is bon_curve's alone, not the policies' evaluation
+    # the BoN-curve grid is bon_curve's (and the frontier's KL grid), not the policies'
+    # evaluation
     assert params_changed(lambda c: c["evaluation"].update(bon_ns=[1, 2, 4])) == {
-        "bon_curve[]"}
+        "bon_curve[]", "frontier[]"}
     # a run reads its own trainer's section: the PPO trainer's, or the preference trainer's
     ppo_runs = {"ppo-b0.05", "vbon-n4-exact", "vbon-n4-l1", "bond-n4-w0.5"}
     assert params_changed(lambda c: c["training"]["ppo"].update(steps=5)) == {

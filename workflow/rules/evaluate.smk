@@ -71,11 +71,9 @@ rule summary:
         # the BoN points' objective, win_rate_n and sampling columns (the rest is in its inputs)
         cfg={**only("cdf", "objective", "uwo_lambda"),
              **only("evaluation", "uwo_lambdas", "win_rate_n"),
-             **only("generation", "temperature", "top_p", "top_k"),
-             # the budget columns: cache sizes, members, the runs' trainer settings
-             **only("prompts", "n_train"), **only("sampling", "M"),
-             **only("reward_models", "seeds", "pretrained"),
-             **only("reference_cache", "proxies"), **only("training", "ppo")},
+             **only("generation", "temperature", "top_p", "top_k")},
+        # each run's sweep and seed (the summary's columns); the budget columns follow the
+        # training logs, which change whenever what they count does
         runs=[(r, RUNS[r].sweep, canonical(RUNS[r].as_dict())) for r in RUNS],
     log:
         f"{R}/logs/summary.log",
