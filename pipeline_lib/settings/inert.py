@@ -42,8 +42,18 @@ def _children(raw: Mapping[str, Any], section: str, keep: tuple[str, ...] = ()) 
     return [f"{section}.{k}" for k in node if k not in keep]
 
 
-def _rules(raw: Mapping[str, Any], s: Settings) -> Iterator[tuple[list[str], str | None]]:
-    """(keys, reason they are inert, or None when they are read)."""
+Rule = tuple[list[str], "str | None"]  # (keys, why they are inert; None: they are read)
+
+
+def _rules(raw: Mapping[str, Any], s: Settings) -> Iterator[Rule]:
+    """Every rule, section by section."""
+    yield from _data_rules(s)
+    yield from _model_rules(raw, s)
+    yield from _method_rules(s)
+
+
+def _data_rules(s: Settings) -> Iterator[Rule]:
+    """corpus and prompts: the keys of other formats and sources."""
     c = s.corpus
     fmt = c.format
     yield ["corpus.source"], ("corpus.path or corpus.dataset is set"
@@ -67,6 +77,9 @@ def _rules(raw: Mapping[str, Any], s: Settings) -> Iterator[tuple[list[str], str
     yield ["corpus.messages_column"], (None if fmt == "messages"
                                        else f"corpus.format is {fmt!r}, not 'messages'")
 
+
+def _model_rules(raw: Mapping[str, Any], s: Settings) -> Iterator[Rule]:
+    """policy, sft, generation, the reference cache, PRS, gold and the reward models."""
     scratch = s.policy.base == "scratch"
     yield [f"policy.{k}" for k in _SCRATCH_KEYS], (
         None if scratch else "policy.base names a model (these shape the scratch GPT-2)")
@@ -102,6 +115,10 @@ def _rules(raw: Mapping[str, Any], s: Settings) -> Iterator[tuple[list[str], str
         "reference_cache.source is 'import' (the proxies are columns of the file)"
         if imported else None)
 
+
+def _method_rules(s: Settings) -> Iterator[Rule]:
+    """cdf, training and evaluation: what no method run reads."""
+    imported = s.reference_cache.imported
     runs = list(s.methods.values())
     uwo_runs = [r for r in runs if r.objective == "uwo" and r.uwo_lambda == s.cdf.uwo_lambda]
     yield ["cdf.uwo_lambda"], (
@@ -117,7 +134,7 @@ def _rules(raw: Mapping[str, Any], s: Settings) -> Iterator[tuple[list[str], str
         "reference_cache.source is 'import' (no policy is evaluated)" if imported else None)
 
 
-def _prs_only(raw: Mapping[str, Any], s: Settings) -> Iterator[tuple[list[str], str | None]]:
+def _prs_only(s: Settings) -> Iterator[Rule]:
     """default_target prs_compare builds the comparison alone: the sections it does not read."""
     c = s.prs_compare
     why = "default_target is 'prs_compare' (only the random-vs-PRS comparison is built)"
@@ -138,7 +155,7 @@ def inert_keys(raw: Mapping[str, Any], settings: Settings | Mapping[str, Any]) -
     that nothing reads given ``settings`` (the same config, parsed), in config order."""
     s = Settings.from_config(settings)
     out: dict[str, str] = {}
-    rules = [*(_prs_only(raw, s) if s.default_target == "prs_compare" else ()), *_rules(raw, s)]
+    rules = [*(_prs_only(s) if s.default_target == "prs_compare" else ()), *_rules(raw, s)]
     for keys, reason in rules:
         if reason is None:
             continue
