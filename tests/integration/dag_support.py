@@ -39,13 +39,18 @@ def job_counts(output: str) -> Counter:
     return Counter({m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)})
 
 
+# wall-clock columns: training logs' elapsed_s, the summary's train_wall_s
+WALL_CLOCK_COLUMNS = ("elapsed_s", "train_wall_s")
+
+
 def table_equal(a_path: Path, b_path: Path) -> bool:
-    """Two Parquet tables hold the same data (provenance metadata and the wall-clock column
-    elapsed_s aside)."""
+    """Two Parquet tables hold the same data (provenance metadata and the wall-clock columns
+    aside)."""
     a = pq.read_table(a_path).replace_schema_metadata(None)
     b = pq.read_table(b_path).replace_schema_metadata(None)
-    if "elapsed_s" in a.column_names:  # wall-clock column differs; nothing else may
-        a, b = a.drop(["elapsed_s"]), b.drop(["elapsed_s"])
+    clock = [c for c in WALL_CLOCK_COLUMNS if c in a.column_names]
+    if clock:  # wall-clock columns differ; nothing else may
+        a, b = a.drop(clock), b.drop(clock)
     return a.equals(b)
 
 
