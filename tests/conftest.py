@@ -47,3 +47,16 @@ def config() -> dict:
     cfg = yaml.safe_load((ROOT / "tests/data/tiny.yaml").read_text())
     cfg["device"] = "cpu"
     return validate_config(cfg)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one intra-op thread for a module: the tiny models gain nothing from threads,
+    and one keeps the tests fast when other jobs share the CPU. Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -25,12 +25,7 @@ from pipeline_lib.train.ppo.checkpoint import Cycler
 from pipeline_lib.train.ppo.config import PPOConfig
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_token_mean_nll_is_the_nll_per_valid_token() -> None:

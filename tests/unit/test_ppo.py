@@ -28,12 +28,7 @@ WORDS = list("abcdefghijklmnop")
 PROMPTS = ["a b", "c d e", "f", "g h i j", "k l", "m n o p", "a c e", "b d f"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

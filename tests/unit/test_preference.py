@@ -173,14 +173,7 @@ _PROMPTS = ["this movie was", "i think it is", "the plot felt", "overall it was"
             "my friends said", "the cast is", "honestly this was", "the ending was"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The 1-layer model gains nothing from intra-op threads; one thread keeps the tests fast
-    when other jobs share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -321,8 +314,9 @@ class _Killed(RuntimeError):
     pass
 
 
-def test_killed_run_resumes_to_the_same_weights(tiny: dict, tmp_path) -> None:
-    cfg = _cfg("ipo", beta=0.5, batch_size=3, max_steps=8, checkpoint_every=3, warmup_steps=2)
+def _full_then_killed_at_5(tiny: dict, tmp_path, cfg):
+    """An uninterrupted run (checkpoints in ``full/``), then the same run killed at step 5
+    (checkpoints in ``run/``); returns the uninterrupted run's (rows, policy)."""
     rows_full, full = train_preference(_policy(tiny), tiny["tok"], tiny["pairs"], cfg, seed=5,
                                        checkpoint_dir=tmp_path / "full")
 
@@ -333,6 +327,12 @@ def test_killed_run_resumes_to_the_same_weights(tiny: dict, tmp_path) -> None:
     with pytest.raises(_Killed):
         train_preference(_policy(tiny), tiny["tok"], tiny["pairs"], cfg, seed=5,
                          checkpoint_dir=tmp_path / "run", on_log=die_at_5)
+    return rows_full, full
+
+
+def test_killed_run_resumes_to_the_same_weights(tiny: dict, tmp_path) -> None:
+    cfg = _cfg("ipo", beta=0.5, batch_size=3, max_steps=8, checkpoint_every=3, warmup_steps=2)
+    rows_full, full = _full_then_killed_at_5(tiny, tmp_path, cfg)
     state = json.loads((tmp_path / "run" / "last" / "state.json").read_text())
     assert state["step"] == 3
     seen: list[int] = []
@@ -485,16 +485,7 @@ def test_killed_bf16_run_resumes_to_the_same_weights(tiny: dict, fresh_accelerat
     the initial weights (not of the resumed ones) and equals the uninterrupted run."""
     cfg = _cfg("dpo", beta=0.5, batch_size=3, max_steps=8, checkpoint_every=3,
                mixed_precision="bf16")
-    rows_full, full = train_preference(_policy(tiny), tiny["tok"], tiny["pairs"], cfg, seed=5,
-                                       checkpoint_dir=tmp_path / "full")
-
-    def die_at_5(row: dict) -> None:
-        if row["step"] == 5:
-            raise _Killed
-
-    with pytest.raises(_Killed):
-        train_preference(_policy(tiny), tiny["tok"], tiny["pairs"], cfg, seed=5,
-                         checkpoint_dir=tmp_path / "run", on_log=die_at_5)
+    rows_full, full = _full_then_killed_at_5(tiny, tmp_path, cfg)
     rows, resumed = train_preference(_policy(tiny), tiny["tok"], tiny["pairs"], cfg, seed=5,
                                      checkpoint_dir=tmp_path / "run")
     _assert_same_weights(full, resumed)

@@ -153,10 +153,15 @@ def brute_sequence_logprob(model, prompt, response, temperature) -> float:
     return total
 
 
+def _prompts_and_responses(tok) -> tuple[list[list[int]], list[list[int]]]:
+    """Three encoded prompts and hand-picked responses of 1 to 4 tokens."""
+    prompts = [encode_prompt(tok, p) for p in ("a great film", "the plot", "it was")]
+    return prompts, [[5, 9, 14], [7], [3, 3, 20, 11]]
+
+
 def test_sequence_logprobs_are_those_of_the_tempered_distribution(tok) -> None:
     model = peaky(tok, 0)
-    prompts = [encode_prompt(tok, p) for p in ("a great film", "the plot", "it was")]
-    responses = [[5, 9, 14], [7], [3, 3, 20, 11]]
+    prompts, responses = _prompts_and_responses(tok)
     got = sequence_logprobs(model, prompts, responses, tok.pad_token_id,
                             params=SamplingParams(temperature=T))
     want = [brute_sequence_logprob(model, p, r, T) for p, r in zip(prompts, responses,
@@ -245,8 +250,7 @@ def test_ppo_rollout_logprobs_and_kl_at_temperature(tok) -> None:
 def test_preference_policy_logprobs_match_the_cache_at_temperature(tok) -> None:
     """h = log π - ref_logprob is 0 at step 0 at T != 1 (BoNBoN/DPO/IPO's reference)."""
     model = peaky(tok, 6)
-    prompts = [encode_prompt(tok, p) for p in ("a great film", "the plot", "it was")]
-    responses = [[5, 9, 14], [7], [3, 3, 20, 11]]
+    prompts, responses = _prompts_and_responses(tok)
     cached = sequence_logprobs(model, prompts, responses, tok.pad_token_id,
                                params=SamplingParams(temperature=T))
     with torch.no_grad():
