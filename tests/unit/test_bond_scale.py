@@ -24,7 +24,6 @@ from pipeline_lib.math.vbon import vbon_beta
 from pipeline_lib.train.ppo.checkpoint import Cycler
 from pipeline_lib.train.ppo.config import PPOConfig
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
