@@ -23,7 +23,7 @@ from __future__ import annotations
 import polars as pl
 
 from pipeline_lib.settings.methods import MethodRun
-from pipeline_lib.settings.sections import Settings
+from pipeline_lib.settings.sections import Settings, as_dict
 
 BUDGET_COLUMNS = ("reference_samples", "policy_samples", "tokens_generated",
                   "reward_model_calls", "train_steps", "train_wall_s")
@@ -49,7 +49,7 @@ def run_budget(s: Settings, run: MethodRun, log: pl.DataFrame) -> dict[str, floa
     else:
         reference = 0
     if run.is_ppo:
-        batch = int({**_as_dict(s.training.ppo), **run.overrides}["rollout_batch_size"])
+        batch = int({**as_dict(s.training.ppo), **run.overrides}["rollout_batch_size"])
         samples = steps * batch
         lengths = log["response_length"].fill_null(0.0) if "response_length" in log.columns \
             else pl.Series([0.0] * steps)
@@ -68,9 +68,3 @@ def bon_budget(s: Settings, n: int, n_prompts: int) -> dict[str, float | int | N
     return {"reference_samples": n * n_prompts, "policy_samples": 0, "tokens_generated": None,
             "reward_model_calls": n * n_prompts * members, "train_steps": 0,
             "train_wall_s": 0.0}
-
-
-def _as_dict(section) -> dict:
-    from pipeline_lib.settings.sections import as_dict
-
-    return as_dict(section)

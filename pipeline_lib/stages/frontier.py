@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from pipeline_lib.io.schemas import SCHEMAS
 from pipeline_lib.io.tables import read_polars, write_table
 from pipeline_lib.math.bon import bon_curve, bon_kl
 from pipeline_lib.math.frontier import KL_ANALYTIC_BON, KL_K1, bootstrap_frontier
@@ -138,8 +139,8 @@ def frontier_table(s: Settings, evals: Mapping[str, PathLike], test_rewards: Pat
         })
         frames.append(frame.with_columns(pl.col(pl.Float64).fill_nan(None)))
         log.info("frontier %s: %d points x %d seeds", sweep, len(points), len(points[0]))
-    if not frames:
-        return pl.DataFrame()
+    if not frames:  # no method run
+        return pl.from_arrow(SCHEMAS["frontier"].empty_table())
     return pl.concat(frames)
 
 
@@ -148,9 +149,5 @@ def run_frontier(config: Settings | Mapping[str, Any], evals: Mapping[str, PathL
     """frontier.parquet (see :func:`frontier_table`)."""
     s = Settings.from_config(config)
     table = frontier_table(s, evals, test_rewards, train_rewards)
-    if table.height == 0:
-        from pipeline_lib.io.schemas import SCHEMAS
-
-        table = pl.from_arrow(SCHEMAS["frontier"].empty_table())
     write_table(table, out, "frontier",
                 provenance(s, "frontier", n_boot=N_BOOT, level=LEVEL))

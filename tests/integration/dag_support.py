@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -20,11 +21,13 @@ TINY = ROOT / "tests" / "data" / "tiny.yaml"
 TINY_DAG_TIMEOUT_S = 1800  # the whole tiny DAG: minutes on 2 cores
 
 
-def snakemake_cmd(workdir: Path, *args: str, configfile: Path = TINY) -> list[str]:
+def snakemake_cmd(workdir: Path, *args: str,
+                  configfile: Path | Sequence[Path] = TINY) -> list[str]:
     """`snakemake` for ROOT's Snakefile, run in ``workdir`` (as users run it; Snakemake finds
-    the workflow profile next to the Snakefile)."""
+    the workflow profile next to the Snakefile); several config files merge in order."""
+    files = [configfile] if isinstance(configfile, (str, Path)) else list(configfile)
     return [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
-            "--directory", str(workdir), "--configfile", str(configfile), *args]
+            "--directory", str(workdir), "--configfile", *map(str, files), *args]
 
 
 def snakemake_env(**extra: str) -> dict[str, str]:

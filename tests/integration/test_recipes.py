@@ -7,18 +7,16 @@ from __future__ import annotations
 
 import copy
 import subprocess
-import sys
 from pathlib import Path
 
 import polars as pl
 import pytest
 import yaml
-from dag_support import job_counts, snakemake_env
+from dag_support import job_counts, snakemake_cmd, snakemake_env
 from support.recipes import (
     DATASET_STAND_INS,
     MODEL_STAND_INS,
     RECIPES,
-    ROOT,
     SIZE_KEYS,
     build_recipe_hub,
     leaf_keys,
@@ -47,12 +45,9 @@ def settings(raw: dict) -> Settings:
 
 def snakemake(workdir: Path, name: str, *args: str, env: dict, override: bool = False,
               timeout: int = RECIPE_TIMEOUT_S) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
-           "--directory", str(workdir), "--configfile", str(recipe_path(name))]
-    if override:
-        cmd += [str(override_path(name))]
-    return subprocess.run([*cmd, *args], cwd=workdir, env=env, text=True, capture_output=True,
-                          timeout=timeout)
+    files = [recipe_path(name), *([override_path(name)] if override else [])]
+    return subprocess.run(snakemake_cmd(workdir, *args, configfile=files), cwd=workdir, env=env,
+                          text=True, capture_output=True, timeout=timeout)
 
 
 @pytest.mark.parametrize("name", RECIPES)

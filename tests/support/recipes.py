@@ -114,8 +114,7 @@ def named_datasets(s: Settings) -> set[str]:
 def _pythia_reward():
     from transformers import GPTNeoXForSequenceClassification
 
-    _, tok = tiny_pythia()
-    model, _ = tiny_pythia()
+    model, tok = tiny_pythia()
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         reward = GPTNeoXForSequenceClassification.from_pretrained(tmp, num_labels=1)
