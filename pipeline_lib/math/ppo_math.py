@@ -1,5 +1,6 @@
 """PPO arithmetic on (B, T) token tensors: masked means, whitening, token rewards with the KL
-penalty, GAE, clipped policy and value losses, KL controllers, entropy. Pure torch."""
+penalty, GAE, clipped policy and value losses, KL controllers, the learning-rate schedule,
+entropy. Pure torch."""
 
 from __future__ import annotations
 
@@ -230,6 +231,38 @@ def token_rewards(
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     rewards[rows, lengths - 1] += seq
     return rewards
+
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def scheduled_lr(lr: float, step: int, total: int, schedule: str,
+                 final_fraction: float = 0.0) -> float:
+    """The learning rate of PPO iteration ``step`` (0-based) of ``total``.
+
+    With progress p = step / total (0 at the first iteration, (total - 1)/total at the last)
+    and f = ``final_fraction``:
+
+        constant:  lr
+        linear:    lr · (1 − (1 − f)·p)
+        cosine:    lr · (f + (1 − f)·(1 + cos(π·p))/2)
+
+    so a decaying schedule reaches ``f · lr`` just after the last iteration (as TRL's linear
+    schedule reaches 0). A function of the step alone, so a resumed run continues the schedule
+    with no scheduler state to save.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    if not 0.0 <= final_fraction <= 1.0:
+        raise ValueError(f"final_fraction must lie in [0, 1], got {final_fraction!r}")
+    if total < 1 or not 0 <= step < total:
+        raise ValueError(f"step must lie in [0, total), got step={step}, total={total}")
+    if schedule == "constant":
+        return float(lr)
+    p = step / total
+    if schedule == "linear":
+        return float(lr) * (1.0 - (1.0 - final_fraction) * p)
+    return float(lr) * (final_fraction + (1.0 - final_fraction) * 0.5 * (1.0 + math.cos(math.pi * p)))
 
 
 class FixedKLController:

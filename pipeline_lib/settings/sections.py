@@ -418,6 +418,8 @@ class PPOSettings:
     minibatch_size: int
     ppo_epochs: int
     lr: float
+    lr_schedule: str
+    lr_final: float
     adaptive_kl: bool
     kl_target: float
     kl_horizon: int

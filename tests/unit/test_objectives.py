@@ -19,6 +19,7 @@ from pipeline_lib.math.ppo_math import (
     masked_mean,
     ppo_policy_loss,
     ppo_value_loss,
+    scheduled_lr,
     token_rewards,
     whiten,
 )
@@ -318,6 +319,27 @@ def test_adaptive_kl_controller() -> None:
     assert ctl.value == pytest.approx(0.1 * 1.1)
     fixed = FixedKLController(0.05)
     assert fixed.update(100.0, 256) == 0.05 and fixed.value == 0.05
+
+
+def test_scheduled_lr_hand_values() -> None:
+    """Iteration t of T at progress p = t/T: constant lr; linear lr·(1 − (1 − f)·p); cosine
+    lr·(f + (1 − f)·(1 + cos πp)/2)."""
+    assert [scheduled_lr(2.0, t, 4, "constant") for t in range(4)] == [2.0] * 4
+    assert [scheduled_lr(2.0, t, 4, "linear") for t in range(4)] == pytest.approx(
+        [2.0, 1.5, 1.0, 0.5])
+    assert [scheduled_lr(2.0, t, 4, "linear", 0.5) for t in range(4)] == pytest.approx(
+        [2.0, 1.75, 1.5, 1.25])
+    assert [scheduled_lr(1.0, t, 4, "cosine") for t in range(4)] == pytest.approx(
+        [1.0, (1 + math.sqrt(0.5)) / 2, 0.5, (1 - math.sqrt(0.5)) / 2])
+    assert scheduled_lr(1.0, 2, 4, "cosine", 0.2) == pytest.approx(0.6)
+    assert scheduled_lr(1.0, 0, 1, "linear") == 1.0  # one iteration: the full lr
+    decreasing = [scheduled_lr(1.0, t, 50, s, 0.1) for s in ("linear", "cosine")
+                  for t in range(50)]
+    assert all(0.1 < x <= 1.0 for x in decreasing)
+    for bad in (dict(schedule="step"), dict(final_fraction=1.5), dict(step=4), dict(step=-1)):
+        args = dict(lr=1.0, step=0, total=4, schedule="linear") | bad
+        with pytest.raises(ValueError):
+            scheduled_lr(**args)
 
 
 def test_masked_mean_and_entropy() -> None:

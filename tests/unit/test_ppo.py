@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from support.word_lm import PROMPTS, tiny_gpt2, word_tokenizer
 
 from pipeline_lib.generation.hf import sequence_logprobs
 from pipeline_lib.math.cdf import empirical_cdf
@@ -24,40 +25,15 @@ from pipeline_lib.train.ppo.policy import PolicyWithValueHead, set_trainable_top
 from pipeline_lib.train.ppo.rollout import sft_nll
 from pipeline_lib.train.ppo.trainer import train_ppo
 
-WORDS = list("abcdefghijklmnop")
-PROMPTS = ["a b", "c d e", "f", "g h i j", "k l", "m n o p", "a c e", "b d f"]
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<|endoftext|>": 0, "<pad>": 1, "<unk>": 2}
-    for w in WORDS:
-        vocab[w] = len(vocab)
-    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    t.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return PreTrainedTokenizerFast(
-        tokenizer_object=t, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-        pad_token="<pad>", unk_token="<unk>",
-    )
+    return word_tokenizer()
 
 
-def make_model(tok, n_layer: int = 1, seed: int = 0):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        n_layer=n_layer, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=32,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    return GPT2LMHeadModel(config).eval()
+make_model = tiny_gpt2
 
 
 def target_reward(tok, word: str = "c"):
@@ -317,6 +293,34 @@ def test_resume_after_crash_mid_run(tok, tmp_path, uninterrupted) -> None:
     assert_same_weights(state(policy), ref_state)
 
 
+def test_lr_schedule_is_applied_per_iteration_and_survives_a_resume(tok, tmp_path) -> None:
+    """A linear schedule: iteration t of 6 runs at lr·(1 − 0.9·t/6) (lr_final = 0.1); a run
+    killed after its step-4 checkpoint resumes on the same schedule, to the same weights."""
+    sched = dict(steps=6, checkpoint_every=2, lr_schedule="linear", lr_final=0.1)
+    rows, policy = train_ppo(make_model(tok), tok, PROMPTS, target_reward(tok), cfg(**sched),
+                             seed=3)
+    assert [r["lr"] for r in rows] == pytest.approx([3e-3 * (1 - 0.9 * t / 6) for t in range(6)])
+    inner, calls = target_reward(tok), {"n": 0}
+
+    def crashing(idx, texts, ids):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt("killed")
+        return inner(idx, texts, ids)
+
+    with pytest.raises(KeyboardInterrupt):
+        train_ppo(make_model(tok), tok, PROMPTS, crashing, cfg(**sched), seed=3,
+                  checkpoint_dir=tmp_path)
+    resumed, policy2 = train_ppo(make_model(tok), tok, PROMPTS, inner, cfg(**sched), seed=3,
+                                 checkpoint_dir=tmp_path)
+    assert [r["lr"] for r in resumed] == pytest.approx([r["lr"] for r in rows])
+    assert_same_weights(state(policy2), state(policy))
+    constant = train_ppo(make_model(tok), tok, PROMPTS, target_reward(tok),
+                         cfg(steps=6), seed=3)[1]
+    assert not torch.equal(state(constant)["transformer.h.0.mlp.c_fc.weight"],
+                           state(policy)["transformer.h.0.mlp.c_fc.weight"])
+
+
 def test_checkpoint_contents(tok, tmp_path) -> None:
     from safetensors.torch import load_file
 
@@ -384,6 +388,10 @@ def test_config_validation() -> None:
         PPOConfig(steps=1, rollout_batch_size=4, minibatch_size=8)
     with pytest.raises(ValueError, match="sft_weight"):
         PPOConfig(steps=1, rollout_batch_size=4, minibatch_size=4, sft_weight=1.5)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        PPOConfig(steps=1, rollout_batch_size=4, minibatch_size=4, lr_schedule="step")
+    with pytest.raises(ValueError, match="lr_final"):
+        PPOConfig(steps=1, rollout_batch_size=4, minibatch_size=4, lr_final=2.0)
     with pytest.raises(ValueError, match="unknown keys"):
         PPOConfig.from_mapping({"steps": 1, "rollout_batch_size": 4, "minibatch_size": 4,
                                 "kl_coeff": 0.1})

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from pipeline_lib.math.logprobs import truncates
+from pipeline_lib.math.ppo_math import LR_SCHEDULES
 
 RewardFn = Callable[[np.ndarray, list[str], list[list[int]]], np.ndarray]
 
@@ -27,6 +28,8 @@ class PPOConfig:
     minibatch_size: int
     ppo_epochs: int = 4
     lr: float = 1e-4
+    lr_schedule: str = "constant"  # constant | linear | cosine, over the PPO iterations
+    lr_final: float = 0.0  # a decaying schedule's final lr as a fraction of lr
     weight_decay: float = 0.0  # AdamW
     kl_coef: float = 0.05  # beta (initial value when adaptive)
     adaptive_kl: bool = False
@@ -64,6 +67,9 @@ class PPOConfig:
         )
         need(int(self.ppo_epochs) >= 1, "ppo_epochs must be >= 1")
         need(self.lr > 0 and math.isfinite(self.lr), f"lr must be > 0, got {self.lr!r}")
+        need(self.lr_schedule in LR_SCHEDULES,
+             f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        need(0.0 <= self.lr_final <= 1.0, f"lr_final must lie in [0, 1], got {self.lr_final!r}")
         need(self.weight_decay >= 0, "weight_decay must be >= 0")
         need(self.kl_coef >= 0 and math.isfinite(self.kl_coef), "kl_coef must be >= 0")
         if self.adaptive_kl:

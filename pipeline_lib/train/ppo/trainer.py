@@ -19,6 +19,7 @@ from pipeline_lib.math.ppo_math import (
     masked_mean,
     ppo_policy_loss,
     ppo_value_loss,
+    scheduled_lr,
     token_rewards,
     whiten,
 )
@@ -185,6 +186,10 @@ def ppo_update(run: PPORun, r: Rollout, adv: torch.Tensor,
     mb_local = int(cfg.minibatch_size) // run.world
     b_local = int(cfg.rollout_batch_size) // run.world
     stats: dict[str, list[float]] = {k: [] for k in UPDATE_STATS}
+    lr = scheduled_lr(cfg.lr, st.step, max(int(cfg.steps), st.step + 1), cfg.lr_schedule,
+                      cfg.lr_final)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
     for _ in range(int(cfg.ppo_epochs)):
         perm = st.rng.permutation(b_local)
         for s in range(0, b_local, mb_local):
