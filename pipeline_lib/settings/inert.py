@@ -127,6 +127,11 @@ def _method_rules(s: Settings) -> Iterator[Rule]:
              "curves' weights)")
     yield ["training.ppo"], (None if any(r.is_ppo for r in runs)
                              else "no methods run is trained by PPO (ppo, vbon, bond)")
+    schedules = {r.overrides.get("lr_schedule", s.training.ppo.lr_schedule)
+                 for r in runs if r.is_ppo}
+    yield ["training.ppo.lr_final"], (
+        None if schedules - {"constant"}
+        else "training.ppo.lr_schedule is 'constant' in every PPO-family run")
     yield ["training.preference"], (
         None if any(not r.is_ppo for r in runs)
         else "no methods run is a preference method (dpo, ipo, bonbon, bon_sft)")

@@ -25,23 +25,9 @@ import torch
 
 from pipeline_lib.settings.sections import RewardModelSettings, SFTSettings
 
-WORDS = list("abcdefghijklmnop")
-PROMPTS = ["a b", "c d e", "f", "g h i j", "k l", "m n o p", "a c e", "b d f"]
-
-
-def tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<|endoftext|>": 0, "<pad>": 1, "<unk>": 2}
-    for w in WORDS:
-        vocab[w] = len(vocab)
-    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    t.decoder = decoders.WordPiece(prefix="##")
-    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<|endoftext|>",
-                                   eos_token="<|endoftext|>", pad_token="<pad>",
-                                   unk_token="<unk>")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for support/
+from support.word_lm import PROMPTS, WORDS  # noqa: E402
+from support.word_lm import word_tokenizer as tokenizer  # noqa: E402
 
 
 def model(tok):

@@ -26,7 +26,7 @@ def with_(**sections) -> dict:
     return raw
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "chat.yaml", "prs.yaml"])
+@pytest.mark.parametrize("name", ["config.yaml", "chat.yaml", "prs.yaml", "sweep.yaml"])
 def test_the_shipped_configs_set_no_inert_key(name):
     raw = yaml.safe_load((ROOT / "config" / name).read_text())
     assert inert(raw) == {}
@@ -59,6 +59,8 @@ def test_the_tiny_test_config_sets_no_inert_key():
     ({"cdf": {"objective": "mean", "uwo_lambda": 0.3}}, "cdf.uwo_lambda", "cdf.objective is"),
     ({"methods": [{"method": "dpo", "n": 4, "beta": 0.1}]}, "training.ppo", "no methods run"),
     ({"methods": [{"method": "vbon", "n": 4}]}, "training.preference", "no methods run"),
+    ({"training": {"ppo": {"lr_final": 0.1}}}, "training.ppo.lr_final",
+     "lr_schedule is 'constant'"),
     ({"prs_compare": {"enabled": False, "n_prompts": 3}}, "prs_compare.n_prompts",
      "prs_compare.enabled is false"),
     ({"prs_compare": {"instruction_data": {"dataset": "org/x"}}},
@@ -90,3 +92,7 @@ def test_keys_that_are_read_are_not_reported():
                         "target_column": "a", "test_split": "test"},
                 sft={"enabled": True})
     assert not {"corpus.template", "corpus.target_column", "corpus.dataset"} & set(inert(raw))
+    # lr_final is read when one PPO-family run decays its rate, even by its own override
+    raw = with_(training={"ppo": {"lr_final": 0.1}},
+                methods=[{"method": "vbon", "n": 4, "overrides": {"lr_schedule": "cosine"}}])
+    assert "training.ppo.lr_final" not in inert(raw)

@@ -271,17 +271,23 @@ def test_resume_after_stop_continues_and_matches(tok, tmp_path, uninterrupted) -
     assert_same_weights(state(policy), ref_state)  # exact on CPU
 
 
-def test_resume_after_crash_mid_run(tok, tmp_path, uninterrupted) -> None:
-    ref_rows, ref_state = uninterrupted
-    inner = target_reward(tok)
+def crash_on_call(reward_fn, k: int):
+    """``reward_fn`` that raises KeyboardInterrupt (a killed job) on its ``k``-th call."""
     calls = {"n": 0}
 
     def crashing(idx, texts, ids):
         calls["n"] += 1
-        if calls["n"] == 6:
+        if calls["n"] == k:
             raise KeyboardInterrupt("killed")
-        return inner(idx, texts, ids)
+        return reward_fn(idx, texts, ids)
 
+    return crashing
+
+
+def test_resume_after_crash_mid_run(tok, tmp_path, uninterrupted) -> None:
+    ref_rows, ref_state = uninterrupted
+    inner = target_reward(tok)
+    crashing = crash_on_call(inner, 6)
     with pytest.raises(KeyboardInterrupt):
         train_ppo(make_model(tok), tok, PROMPTS, crashing, cfg(steps=6, checkpoint_every=2),
                   seed=11, checkpoint_dir=tmp_path)
@@ -300,16 +306,9 @@ def test_lr_schedule_is_applied_per_iteration_and_survives_a_resume(tok, tmp_pat
     rows, policy = train_ppo(make_model(tok), tok, PROMPTS, target_reward(tok), cfg(**sched),
                              seed=3)
     assert [r["lr"] for r in rows] == pytest.approx([3e-3 * (1 - 0.9 * t / 6) for t in range(6)])
-    inner, calls = target_reward(tok), {"n": 0}
-
-    def crashing(idx, texts, ids):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt("killed")
-        return inner(idx, texts, ids)
-
+    inner = target_reward(tok)
     with pytest.raises(KeyboardInterrupt):
-        train_ppo(make_model(tok), tok, PROMPTS, crashing, cfg(**sched), seed=3,
+        train_ppo(make_model(tok), tok, PROMPTS, crash_on_call(inner, 6), cfg(**sched), seed=3,
                   checkpoint_dir=tmp_path)
     resumed, policy2 = train_ppo(make_model(tok), tok, PROMPTS, inner, cfg(**sched), seed=3,
                                  checkpoint_dir=tmp_path)
