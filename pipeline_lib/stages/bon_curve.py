@@ -11,7 +11,7 @@ import polars as pl
 
 from pipeline_lib.io.tables import read_polars, write_table
 from pipeline_lib.math.bon import bon_curve, bon_kl, bon_kl_ties_batch
-from pipeline_lib.math.winrate import bon_win_rate
+from pipeline_lib.math.winrate import bon_win_rates
 from pipeline_lib.settings.sections import Settings
 from pipeline_lib.stages.common import PathLike, StageError, provenance
 from pipeline_lib.stages.reward_cache import (
@@ -34,6 +34,13 @@ def held_out_judges(s: Settings, m: int, where: str) -> int:
             f"{where}: evaluation.win_rate_judges ({j}) must be below the cache's M ({m}) "
             "samples per prompt: the judges are held out of the BoN pool")
     return j
+
+
+def _bon_win_rates(pool_score, pool_gold, judges, ns: list[int]) -> list[float | None]:
+    """``bon_win_rate`` at each n of ``ns`` (sorted), None where n exceeds the pool."""
+    fits = [n for n in ns if n <= pool_score.shape[1]]
+    rates = bon_win_rates(pool_score, pool_gold, judges, fits).tolist() if fits else []
+    return rates + [None] * (len(ns) - len(fits))
 
 
 def run_bon_curve(config: Settings | Mapping[str, Any], rewards_path: PathLike,
@@ -62,8 +69,7 @@ def run_bon_curve(config: Settings | Mapping[str, Any], rewards_path: PathLike,
             "gold": gold_curve,
             "kl_analytic": [float(bon_kl(n)) for n in ns],
             "kl_ties": bon_kl_ties_batch(score, ns),
-            "win_rate_ref": [bon_win_rate(score[:, j:], pool_gold, judges, n) if n <= m - j
-                             else None for n in ns],
+            "win_rate_ref": _bon_win_rates(score[:, j:], pool_gold, judges, ns),
             "win_rate_judges": [j] * len(ns),
             "n_prompts": [p] * len(ns),
             "pool_size": [m] * len(ns),

@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 
 from pipeline_lib.io.tables import read_polars, write_table
-from pipeline_lib.math.winrate import win_rate
+from pipeline_lib.math.winrate import bon_win_rate, bon_win_rates, win_rate, win_rates_vs_bon
 from pipeline_lib.settings.config import check_config, validate_config
 from pipeline_lib.settings.errors import ConfigError
 from pipeline_lib.settings.sections import Settings
@@ -100,6 +100,29 @@ def test_bon_points_win_rate_matches_subset_enumeration_with_ties(tmp_path, conf
         else:
             want = _brute(proxy[:, judges:], gold[:, judges:], gold[:, :judges], n)
             assert got == pytest.approx(want, abs=1e-12), n
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_win_rates_at_every_n_from_one_sort_equal_brute_force_and_the_one_n_form(seed):
+    """The multi-n form shares one sort of the pool and of the merged gold scores across n;
+    with ties in proxy and gold it equals subset enumeration and the one-n function, in the
+    order ns are given."""
+    rng = np.random.default_rng(seed)
+    p, pool, judges = 4, 7, 3
+    proxy = rng.integers(0, 3, size=(p, pool)).astype(float)
+    gold = rng.integers(0, 4, size=(p, pool)).astype(float)
+    judge = rng.integers(0, 4, size=(p, judges)).astype(float)
+    ns = [5, 1, 7, 2, 3]
+    got = bon_win_rates(proxy, gold, judge, ns)
+    assert got.shape == (5,)
+    for n, value in zip(ns, got, strict=True):
+        assert value == pytest.approx(_brute(proxy, gold, judge, n), abs=1e-12), n
+        assert value == pytest.approx(bon_win_rate(proxy, gold, judge, n), abs=1e-12)
+    policy = rng.integers(0, 4, size=(p, 5)).astype(float)
+    np.testing.assert_allclose(win_rates_vs_bon(policy, proxy, gold, ns),
+                               [1 - _brute(proxy, gold, policy, n) for n in ns], atol=1e-12)
+    with pytest.raises(ValueError, match="ns must satisfy"):
+        bon_win_rates(proxy, gold, judge, [8])
 
 
 def test_judges_default_to_a_quarter_of_the_test_cache(tmp_path, config):
