@@ -99,11 +99,12 @@ def sample_groups(
     params: SamplingParams,
     seed: int,
     split: str,
+    progress: bool = True,
 ) -> dict[int, list[Response]]:
     """Sample ``m`` responses for every prompt in ``groups``; prompt index → responses."""
     result: dict[int, list[Response]] = {}
     bar = tqdm(total=sum(len(g) for g in groups), desc=f"sample {split}", unit="prompt",
-               mininterval=2.0)
+               mininterval=2.0, disable=not progress)
     for g in groups:
         group_seed = derive_seed(seed, "sample", split, g.start)
         batch = backend.sample([prompt_ids[i] for i in g], m, params, group_seed)

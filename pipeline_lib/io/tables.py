@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -125,13 +126,49 @@ def write_table(
     """
     path = Path(path)
     table = conform(data, name, path)
-    meta = dict(table.schema.metadata or {})
-    meta[SCHEMA_KEY] = name.encode()
-    meta[PROVENANCE_KEY] = json.dumps(dict(provenance or {}), sort_keys=True, default=str).encode()
-    table = table.replace_schema_metadata(meta)
+    table = table.replace_schema_metadata(_metadata(table.schema, name, provenance))
     with atomic_file(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
     return path
+
+
+def _metadata(schema: pa.Schema, name: str, provenance: Mapping[str, Any] | None) -> dict:
+    meta = dict(schema.metadata or {})
+    meta[SCHEMA_KEY] = name.encode()
+    meta[PROVENANCE_KEY] = json.dumps(dict(provenance or {}), sort_keys=True, default=str).encode()
+    return meta
+
+
+class TableWriter:
+    """Appends parts of one table as Parquet row groups (see :func:`table_writer`)."""
+
+    def __init__(self, writer: pq.ParquetWriter, name: str, path: Path) -> None:
+        self._writer, self._name, self._path = writer, name, path
+        self.rows = 0
+
+    def write(self, data: Any) -> None:
+        """Validate ``data`` against the table's schema and append it as a row group."""
+        part = conform(data, self._name, self._path)
+        self._writer.write_table(part.replace_schema_metadata(self._writer.schema.metadata))
+        self.rows += part.num_rows
+
+
+@contextmanager
+def table_writer(path: str | os.PathLike, name: str,
+                 provenance: Mapping[str, Any] | None = None) -> Iterator[TableWriter]:
+    """Write table ``name`` to ``path`` part by part, so memory holds one part at a time.
+
+    Each ``write`` validates its part like :func:`write_table` and appends it as a row group of
+    a temporary file, renamed into place when the block ends without an error (so a killed or
+    failed job leaves no table; with no part written, an empty table)."""
+    path = Path(path)
+    schema = SCHEMAS[name].with_metadata(_metadata(SCHEMAS[name], name, provenance))
+    with atomic_file(path) as tmp:
+        writer = pq.ParquetWriter(tmp, schema, compression="zstd")
+        try:
+            yield TableWriter(writer, name, path)
+        finally:
+            writer.close()
 
 
 def read_table(path: str | os.PathLike, name: str) -> pa.Table:
@@ -156,6 +193,31 @@ def read_table(path: str | os.PathLike, name: str) -> pa.Table:
     table = _cast_columns(table, schema, path)
     _check_finite(table, name, path)
     return table
+
+
+def iter_table_parts(path: str | os.PathLike, name: str) -> Iterator[pa.Table]:
+    """Read ``path`` one row group at a time, each validated like :func:`read_table` (one
+    :class:`SchemaError` naming the file for a damaged file, a missing or mistyped column)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: table '{name}' does not exist")
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise SchemaError(f"{path}: not a readable Parquet file: {exc}") from exc
+    schema = SCHEMAS[name]
+    missing = [f.name for f in schema if f.name not in parquet.schema_arrow.names]
+    if missing:
+        raise SchemaError(f"{path}: missing column(s) {missing} (expected schema '{name}', "
+                          f"found columns {parquet.schema_arrow.names})")
+    for i in range(parquet.num_row_groups):
+        try:
+            part = parquet.read_row_group(i)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise SchemaError(f"{path}: not a readable Parquet file: {exc}") from exc
+        part = _cast_columns(part, schema, path)
+        _check_finite(part, name, path)
+        yield part
 
 
 def read_provenance(path: str | os.PathLike) -> dict[str, Any]:

@@ -4,9 +4,11 @@ tables with reference log-probs (random sampling or PRS trees)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import polars as pl
+from tqdm.auto import tqdm
 
 from pipeline_lib.generation.hf import HFBackend, sequence_logprobs
 from pipeline_lib.generation.prs import PRSConfig
@@ -33,6 +35,8 @@ from pipeline_lib.settings.sections import GenerationSettings, ModelRef, PRSSett
 from pipeline_lib.stages.common import StageError
 
 log = logging.getLogger("pipeline")
+
+LOGPROB_ROWS = 256  # rows per reference log-prob forward batch (and per written part)
 
 
 def sampling_params(g: GenerationSettings) -> SamplingParams:
@@ -114,7 +118,25 @@ def generate_table(
     """Sample ``m`` responses for the prompts of the groups covering ``indices`` (groups of
     ``g.batch_size`` sequences, seeded from ``seed`` and ``split``); returns rows of the
     ``samples`` schema with the log-probs of the backend's model under the sampling
-    distribution of ``g`` (the reference log-probs when the model is π_ref)."""
+    distribution of ``g`` (the reference log-probs when the model is π_ref). The rows of
+    :func:`generate_parts`, concatenated."""
+    parts = list(generate_parts(backend, prompts, indices, m, g, seed, split))
+    return pl.concat(parts) if parts else _samples_frame([], [], [], [], [], [])
+
+
+def generate_parts(
+    backend,
+    prompts: pl.DataFrame,
+    indices: Sequence[int] | None,
+    m: int,
+    g: GenerationSettings,
+    seed: int,
+    split: str,
+) -> Iterator[pl.DataFrame]:
+    """:func:`generate_table` in parts of LOGPROB_ROWS rows, in prompt order, so memory holds
+    one prompt group and one part at a time. Each group is sampled with its own seed, and the
+    reference log-probs are computed over the same windows of rows as for the whole table, so
+    the parts concatenate to exactly the table :func:`generate_table` returns."""
     tok = backend.tokenizer
     prompt_texts = prompts["prompt"].to_list()
     prompt_ids = [encode_prompt(tok, t) for t in prompt_texts]
@@ -123,30 +145,58 @@ def generate_table(
         wanted = set(indices)
         groups = [grp for grp in groups if grp.start in wanted]
     params = sampling_params(g)
-    sampled = sample_groups(backend, prompt_ids, groups, m, params, seed, split)
-    order = sorted(sampled)
-    flat = [(i, j, r) for i in order for j, r in enumerate(sampled[i])]
-    # log-probs under the distribution that drew them (temperature, top-p, top-k)
-    ref = sequence_logprobs(backend.model, [prompt_ids[i] for i, _, _ in flat],
-                            [r.token_ids for _, _, r in flat], tok.pad_token_id, backend.device,
-                            params=params, keep_tokens=True)
     ids = prompts["prompt_id"].to_list()
+    eos = eos_token_ids(tok, backend.model)
+    bar = tqdm(total=sum(len(grp) for grp in groups), desc=f"sample {split}", unit="prompt",
+               mininterval=2.0)
+    pending: list[tuple[int, int, Any]] = []
+
+    def part(rows: list[tuple[int, int, Any]]) -> pl.DataFrame:
+        # log-probs under the distribution that drew them (temperature, top-p, top-k), one
+        # forward batch per LOGPROB_ROWS rows of the shard, as when the shard is scored whole
+        ref = sequence_logprobs(backend.model, [prompt_ids[i] for i, _, _ in rows],
+                                [r.token_ids for _, _, r in rows], tok.pad_token_id,
+                                backend.device, params=params, keep_tokens=True,
+                                batch_size=LOGPROB_ROWS)
+        return _samples_frame([ids[i] for i, _, _ in rows], [j for _, j, _ in rows],
+                              [prompt_texts[i] for i, _, _ in rows], [r for _, _, r in rows],
+                              ref, decode_responses(tok, [r.token_ids for _, _, r in rows], eos))
+
+    for grp in groups:
+        sampled = sample_groups(backend, prompt_ids, [grp], m, params, seed, split, progress=False)
+        pending += [(i, j, r) for i in sorted(sampled) for j, r in enumerate(sampled[i])]
+        bar.update(len(grp))
+        while len(pending) >= LOGPROB_ROWS:
+            yield part(pending[:LOGPROB_ROWS])
+            pending = pending[LOGPROB_ROWS:]
+    if pending:
+        yield part(pending)
+    bar.close()
+
+
+def _samples_frame(prompt_ids: list[str], sample_idx: list[int], prompts: list[str],
+                   responses: list, ref_logprob, texts: list[str]) -> pl.DataFrame:
+    """Rows of the ``samples`` schema for random (i.i.d.) samples."""
+    n = len(responses)
     return pl.DataFrame(
         {
-            "prompt_id": [ids[i] for i, _, _ in flat],
-            "sample_idx": [j for _, j, _ in flat],
-            "prompt": [prompt_texts[i] for i, _, _ in flat],
-            "response": decode_responses(tok, [r.token_ids for _, _, r in flat],
-                                         eos_token_ids(tok, backend.model)),
-            "response_token_ids": [r.token_ids for _, _, r in flat],
-            "n_tokens": [len(r.token_ids) for _, _, r in flat],
-            "finished": [r.finished for _, _, r in flat],
-            "ref_logprob": ref,
-            "strategy": ["random"] * len(flat),
-            "layer": [0] * len(flat),
-            "parent_idx": [-1] * len(flat),
+            "prompt_id": prompt_ids,
+            "sample_idx": sample_idx,
+            "prompt": prompts,
+            "response": texts,
+            "response_token_ids": [r.token_ids for r in responses],
+            "n_tokens": [len(r.token_ids) for r in responses],
+            "finished": [r.finished for r in responses],
+            "ref_logprob": list(ref_logprob),
+            "strategy": ["random"] * n,
+            "layer": [0] * n,
+            "parent_idx": [-1] * n,
         },
-        schema_overrides={"response_token_ids": pl.List(pl.Int32)},
+        schema_overrides={"prompt_id": pl.String, "sample_idx": pl.Int64, "prompt": pl.String,
+                          "response": pl.String, "response_token_ids": pl.List(pl.Int32),
+                          "n_tokens": pl.Int64, "finished": pl.Boolean,
+                          "ref_logprob": pl.Float64, "strategy": pl.String, "layer": pl.Int64,
+                          "parent_idx": pl.Int64},
     )
 
 

@@ -13,10 +13,10 @@ from pipeline_lib.generation.sampling import (
     shard_groups,
 )
 from pipeline_lib.io.atomic import PathLike
-from pipeline_lib.io.tables import read_polars, write_table
+from pipeline_lib.io.tables import read_polars, table_writer, write_table
 from pipeline_lib.settings.sections import Settings
 from pipeline_lib.stages.common import provenance, setup_job
-from pipeline_lib.stages.generate import generate_table, make_backend, prs_cache_table
+from pipeline_lib.stages.generate import generate_parts, make_backend, prs_cache_table
 from pipeline_lib.stages.reward_cache import load_proxy
 
 
@@ -49,13 +49,17 @@ def run_sample_shard(
                                 shard)
     backend = make_backend(s, policy_dir, device)
     strategy = s.sampling.strategy
+    prov = provenance(s, "sample", split=split, shard=shard, policy=policy_dir, M=m,
+                      strategy=strategy)
     if strategy == "prs":
         table = _prs_shard(s, backend, prompts, starts, m, split, reward_models, device)
-    else:
-        table = generate_table(backend, prompts, starts, m, s.generation, s.seed, split)
-    write_table(table, out, "samples",
-                provenance(s, "sample", split=split, shard=shard, policy=policy_dir, M=m,
-                           strategy=strategy))
+        write_table(table, out, "samples", prov)
+        return
+    # random samples: written part by part as they are drawn, so memory does not grow with
+    # the shard; a killed shard leaves no table and its rerun draws the same samples
+    with table_writer(out, "samples", prov) as writer:
+        for part in generate_parts(backend, prompts, starts, m, s.generation, s.seed, split):
+            writer.write(part)
 
 
 def _prs_shard(s: Settings, backend, prompts, starts, m, split, reward_models, device):
