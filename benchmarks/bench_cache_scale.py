@@ -71,7 +71,6 @@ def write_cache(out: Path, prompts: list[str], m: int, shards: int, tokens: int,
     ties (rounded to 1e-3), proxies correlated with gold. Returns (shard paths, rewards path)."""
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
-    per_shard = np.array_split(np.arange(m), shards)
     shard_paths = [out / f"samples-{k}.parquet" for k in range(shards)]
     writers = [pq.ParquetWriter(p, SCHEMAS["samples"]) for p in shard_paths]
     rewards_path = out / "rewards.parquet"
@@ -91,24 +90,24 @@ def write_cache(out: Path, prompts: list[str], m: int, shards: int, tokens: int,
             "kind": np.repeat(np.array(["proxy"] * len(SEEDS) + ["gold"], dtype=object), pid.size),
             "reward": np.concatenate([v.ravel() for v in values]),
         }, schema=SCHEMAS["rewards"]))
-        for writer, cols in zip(writers, per_shard, strict=True):
-            rows = len(chunk) * cols.size
-            ids = rng.integers(3, 50000, size=(rows, tokens), dtype=np.int32)
-            ids[:, -1] = 0  # EOS
-            writer.write_table(pa.table({
-                "prompt_id": np.repeat(np.array(chunk, dtype=object), cols.size),
-                "sample_idx": np.tile(cols.astype(np.int32), len(chunk)),
-                "prompt": np.repeat(np.array([f"prompt {c}" for c in chunk], dtype=object),
-                                    cols.size),
-                "response": np.array([f"response {r}" for r in range(rows)], dtype=object),
-                "response_token_ids": pa.array(list(ids), type=pa.list_(pa.int32())),
-                "n_tokens": np.full(rows, tokens, dtype=np.int32),
-                "finished": np.ones(rows, dtype=bool),
-                "ref_logprob": -rng.gamma(20.0, size=rows),
-                "strategy": np.full(rows, "random", dtype=object),
-                "layer": np.zeros(rows, dtype=np.int8),
-                "parent_idx": np.full(rows, -1, dtype=np.int32),
-            }, schema=SCHEMAS["samples"]))
+        # shards hold contiguous prompt groups, M samples each, as the sample stage writes them
+        writer = writers[start * shards // len(prompts)]
+        rows = len(chunk) * m
+        ids = rng.integers(3, 50000, size=(rows, tokens), dtype=np.int32)
+        ids[:, -1] = 0  # EOS
+        writer.write_table(pa.table({
+            "prompt_id": pid,
+            "sample_idx": idx,
+            "prompt": np.repeat(np.array([f"prompt {c}" for c in chunk], dtype=object), m),
+            "response": np.array([f"response {r}" for r in range(rows)], dtype=object),
+            "response_token_ids": pa.array(list(ids), type=pa.list_(pa.int32())),
+            "n_tokens": np.full(rows, tokens, dtype=np.int32),
+            "finished": np.ones(rows, dtype=bool),
+            "ref_logprob": -rng.gamma(20.0, size=rows),
+            "strategy": np.full(rows, "random", dtype=object),
+            "layer": np.zeros(rows, dtype=np.int8),
+            "parent_idx": np.full(rows, -1, dtype=np.int32),
+        }, schema=SCHEMAS["samples"]))
     for w in [*writers, rw]:
         w.close()
     return shard_paths, rewards_path
