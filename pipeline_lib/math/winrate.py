@@ -4,8 +4,6 @@ reference's best-of-n, of the reference's best-of-n against held-out reference s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
@@ -13,59 +11,9 @@ from pipeline_lib.math.bon import (
     FloatArray,
     as_float_array,
     as_ns,
-    block_mean,
-    bon_weights,
+    bon_curve,
     tie_blocks,
 )
-
-
-@dataclass(frozen=True)
-class _MergedOrder:
-    """The row-wise sort of ``[reference | policy]`` and its tie blocks, reusable for any
-    reference weights (see :func:`_weighted_win_per_prompt`)."""
-
-    order: NDArray[np.intp]  # (P, M + K) argsort of the merged rows
-    starts: NDArray[np.intp]  # flat start of every tie block
-    block_policy: FloatArray  # policy elements per block
-    rows: NDArray[np.intp]  # the row of every block
-    m: int
-    k: int
-
-
-def _merged_order(policy: FloatArray, reference: FloatArray) -> _MergedOrder:
-    """One row-wise argsort of ``[reference | policy]`` (``O((M+K) log(M+K))``) and its blocks."""
-    p, m = reference.shape
-    k = policy.shape[1]
-    merged = np.concatenate([reference, policy], axis=1)
-    order = np.argsort(merged, axis=1)
-    starts, _ = tie_blocks(np.take_along_axis(merged, order, axis=1))
-    is_policy = (order >= m).ravel().astype(np.float64)
-    return _MergedOrder(order, starts, np.add.reduceat(is_policy, starts), starts // (m + k), m, k)
-
-
-def _weighted_win(mo: _MergedOrder, ref_mass: FloatArray | None) -> FloatArray:
-    """``mean_k Σ_j m_j [1(x_k > r_j) + ½ 1(x_k = r_j)] / Σ_j m_j`` per row (``m_j = 1`` if None):
-    for each tie block of the merged row, ``mass(ref < v) + ½ mass(ref = v)`` is credited to every
-    policy element in the block."""
-    p = mo.order.shape[0]
-    mass = np.zeros(mo.order.shape, dtype=np.float64)
-    mass[:, :mo.m] = 1.0 if ref_mass is None else ref_mass
-    sorted_mass = np.take_along_axis(mass, mo.order, axis=1).ravel()
-    cum = np.cumsum(sorted_mass.reshape(p, -1), axis=1).ravel()
-    below = cum[mo.starts] - sorted_mass[mo.starts]  # reference mass strictly below the block
-    block_mass = np.add.reduceat(sorted_mass, mo.starts)
-    total = np.bincount(mo.rows, weights=mo.block_policy * (below + 0.5 * block_mass),
-                        minlength=p)
-    ref_total = float(mo.m) if ref_mass is None else ref_mass.sum(axis=1)
-    return total / (mo.k * ref_total)
-
-
-def _weighted_win_per_prompt(
-    policy: FloatArray, reference: FloatArray, ref_mass: FloatArray | None
-) -> FloatArray:
-    """``mean_k Σ_j m_j [1(x_k > r_j) + ½ 1(x_k = r_j)] / Σ_j m_j`` per row (``m_j = 1`` if None),
-    by one row-wise sort of ``[reference | policy]``."""
-    return _weighted_win(_merged_order(policy, reference), ref_mass)
 
 
 def _check_same_rows(a_name: str, a: FloatArray, b_name: str, b: FloatArray) -> None:
@@ -92,7 +40,7 @@ def win_rate_per_prompt(policy_scores: ArrayLike, reference_scores: ArrayLike) -
     pol = as_float_array("policy_scores", policy_scores, 2)
     ref = as_float_array("reference_scores", reference_scores, 2)
     _check_same_rows("policy_scores", pol, "reference_scores", ref)
-    return _weighted_win_per_prompt(pol, ref, None)
+    return beat_fraction(pol, ref).mean(axis=1)
 
 
 def win_rate(policy_scores: ArrayLike, reference_scores: ArrayLike) -> float:
@@ -113,13 +61,31 @@ def _bon_inputs(policy_scores, reference_proxy, reference_gold):
     return pol, proxy, gold
 
 
+def beat_fraction(values: FloatArray, others: FloatArray) -> FloatArray:
+    """``frac(others < v) + ½ frac(others = v)`` for every ``v`` of ``values``, row by row:
+    ``(P, L)`` from ``values (P, L)`` and ``others (P, K)``, by one sort of each row of
+    ``others`` and two binary searches per value."""
+    _check_same_rows("values", values, "others", others)
+    out = np.empty(values.shape, dtype=np.float64)
+    sorted_others = np.sort(others, axis=1)
+    k = others.shape[1]
+    for row, (v, o) in enumerate(zip(values, sorted_others, strict=True)):
+        below = np.searchsorted(o, v, side="left")
+        out[row] = (below + 0.5 * (np.searchsorted(o, v, side="right") - below)) / k
+    return out
+
+
 def win_rates_vs_bon(
     policy_scores: ArrayLike, reference_proxy: ArrayLike, reference_gold: ArrayLike,
     ns: int | ArrayLike,
 ) -> FloatArray:
-    """:func:`win_rate_vs_bon` at every n of ``ns``, from one sort of the pool by proxy and one
-    sort of the merged gold scores: only the BoN selection mass changes with n, so each further n
-    costs ``O(P·(M + K))`` instead of two more row-wise sorts.
+    """:func:`win_rate_vs_bon` at every n of ``ns`` at once.
+
+    The win rate is linear in the BoN selection mass: ``Σ_j m_j(n) d_j`` with
+    ``d_j = frac(policy > gold_j) + ½ frac(policy = gold_j)``, which does not depend on n. So it
+    is the BoN curve (:func:`~pipeline_lib.math.bon.bon_curve`, proxy ties and all) of the score
+    ``d``: one sort of each policy row, then the same weights and matrix product as the reward
+    curves, for every n together.
 
     Returns:
         float64 array of shape ``(len(ns),)``.
@@ -130,17 +96,10 @@ def win_rates_vs_bon(
 def _win_rates_vs_bon(policy_scores, reference_proxy, reference_gold, ns, name: str
                       ) -> FloatArray:
     pol, proxy, gold = _bon_inputs(policy_scores, reference_proxy, reference_gold)
-    m = proxy.shape[1]
-    n_arr = as_ns(ns, m, name=name)
-    order = np.argsort(proxy, axis=1)
-    sorted_proxy = np.take_along_axis(proxy, order, axis=1)
-    merged = _merged_order(pol, np.take_along_axis(gold, order, axis=1))
-    weights = bon_weights(m, n_arr)
-    out = np.empty(n_arr.size, dtype=np.float64)
-    for a, w in enumerate(weights):
-        mass = block_mean(sorted_proxy, np.broadcast_to(w, proxy.shape))
-        out[a] = _weighted_win(merged, mass).mean()
-    return out
+    n_arr = as_ns(ns, proxy.shape[1], name=name)
+    if n_arr.size == 0:
+        return np.zeros(0)
+    return bon_curve(proxy, 1.0 - beat_fraction(gold, pol), n_arr)[1]
 
 
 def win_rate_vs_bon(

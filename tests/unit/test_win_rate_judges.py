@@ -103,10 +103,9 @@ def test_bon_points_win_rate_matches_subset_enumeration_with_ties(tmp_path, conf
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_win_rates_at_every_n_from_one_sort_equal_brute_force_and_the_one_n_form(seed):
-    """The multi-n form shares one sort of the pool and of the merged gold scores across n;
-    with ties in proxy and gold it equals subset enumeration and the one-n function, in the
-    order ns are given."""
+def test_win_rates_at_every_n_at_once_equal_brute_force_and_the_one_n_form(seed):
+    """The multi-n form (a BoN curve of each sample's beat fraction) equals subset enumeration
+    with ties in proxy and gold, and the one-n function, in the order ns are given."""
     rng = np.random.default_rng(seed)
     p, pool, judges = 4, 7, 3
     proxy = rng.integers(0, 3, size=(p, pool)).astype(float)
