@@ -171,26 +171,32 @@ def table_writer(path: str | os.PathLike, name: str,
             writer.close()
 
 
+def _open(path: Path, name: str, opener):
+    """``opener(path)``, a missing or damaged file raised naming the file."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: table '{name}' does not exist")
+    try:
+        return opener(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise SchemaError(f"{path}: not a readable Parquet file: {exc}") from exc
+
+
+def _check_columns(path: Path, name: str, found: list[str]) -> None:
+    for field in SCHEMAS[name]:
+        if field.name not in found:
+            raise SchemaError(f"{path}: missing column '{field.name}' (expected schema "
+                              f"'{name}', found columns {found})")
+
+
 def read_table(path: str | os.PathLike, name: str) -> pa.Table:
     """Read ``path`` and validate it against schema ``name``.
 
     Raises :class:`SchemaError` naming the file and the missing / mistyped / non-finite column.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: table '{name}' does not exist")
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise SchemaError(f"{path}: not a readable Parquet file: {exc}") from exc
-    schema = SCHEMAS[name]
-    for field in schema:
-        if field.name not in table.column_names:
-            raise SchemaError(
-                f"{path}: missing column '{field.name}' (expected schema '{name}', "
-                f"found columns {table.column_names})"
-            )
-    table = _cast_columns(table, schema, path)
+    table = _open(path, name, pq.read_table)
+    _check_columns(path, name, table.column_names)
+    table = _cast_columns(table, SCHEMAS[name], path)
     _check_finite(table, name, path)
     return table
 
@@ -199,23 +205,11 @@ def iter_table_parts(path: str | os.PathLike, name: str) -> Iterator[pa.Table]:
     """Read ``path`` one row group at a time, each validated like :func:`read_table` (one
     :class:`SchemaError` naming the file for a damaged file, a missing or mistyped column)."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: table '{name}' does not exist")
-    try:
-        parquet = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise SchemaError(f"{path}: not a readable Parquet file: {exc}") from exc
-    schema = SCHEMAS[name]
-    missing = [f.name for f in schema if f.name not in parquet.schema_arrow.names]
-    if missing:
-        raise SchemaError(f"{path}: missing column(s) {missing} (expected schema '{name}', "
-                          f"found columns {parquet.schema_arrow.names})")
+    parquet = _open(path, name, pq.ParquetFile)
+    _check_columns(path, name, parquet.schema_arrow.names)
     for i in range(parquet.num_row_groups):
-        try:
-            part = parquet.read_row_group(i)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise SchemaError(f"{path}: not a readable Parquet file: {exc}") from exc
-        part = _cast_columns(part, schema, path)
+        part = _open(path, name, lambda _, i=i: parquet.read_row_group(i))
+        part = _cast_columns(part, SCHEMAS[name], path)
         _check_finite(part, name, path)
         yield part
 

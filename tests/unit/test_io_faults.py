@@ -12,7 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline_lib.io.tables import SchemaError, read_polars, read_table, write_table
+from pipeline_lib.io.tables import (
+    SchemaError,
+    iter_table_parts,
+    read_polars,
+    read_table,
+    write_table,
+)
 
 
 def _rewards(rows: int, seed: int = 0) -> dict:
@@ -41,6 +47,8 @@ def test_a_damaged_parquet_input_names_the_file_in_one_line(table, damage):
     assert msg.startswith(f"{table}: not a readable Parquet file") and "\n" not in msg
     with pytest.raises(SchemaError, match="not a readable Parquet file"):
         read_polars(table, "rewards")
+    with pytest.raises(SchemaError, match=f"{table}: not a readable Parquet file"):
+        list(iter_table_parts(table, "rewards"))  # the part-by-part reader too
 
 
 def test_a_write_that_fails_part_way_keeps_the_previous_table(table):
