@@ -6,7 +6,9 @@ sample x scorer: five proxy seeds and the gold scorer), then runs the real stage
 each in a fresh process, and prints a table of wall time and peak resident memory per stage, and
 the bytes on disk per reward.
 
-Stages: ``gather`` (concatenating the test shards), ``cdf`` (the train cache, M = --train-samples,
+Stages: ``gather`` (concatenating the test shards), ``score`` (its reading of the gathered texts
+and writing of the long table, around six scorers that cost nothing: the models' own time is not
+the stage's bookkeeping), ``cdf`` (the train cache, M = --train-samples,
 vBoN's cap 300 by default), ``pairs`` (best/worst of n on the train cache, for each --pairs-n),
 ``bon_curve`` (all objectives, n = powers of two up to 8,192 plus M, ties, KLs, win rates).
 The ensembles paper's test cache is 1,000 prompts x 12,600 samples x 6 scorers (75.6 M rewards):
@@ -15,7 +17,7 @@ The ensembles paper's test cache is 1,000 prompts x 12,600 samples x 6 scorers (
     python benchmarks/bench_cache_scale.py --prompts 1000 --mem-limit-gb 20
 
 A stage whose resident memory passes --mem-limit-gb is killed and reported as such (the machine
-stays usable). Not covered yet: ``score`` (it needs scorer models) and the summary.
+stays usable). Not covered yet: the summary.
 """
 
 from __future__ import annotations
@@ -144,11 +146,31 @@ def _run(name: str, config: dict, paths: dict, out: str, arg) -> None:
     elif name == "pairs":
         from pipeline_lib.stages.pairs import run_pairs
         run_pairs(config, arg, paths["train_samples"], paths["train_rewards"], out)
+    elif name == "score":
+        from pipeline_lib.stages import score as score_mod
+        score_mod._scorers = _instant_scorers  # the stage's bookkeeping alone
+        score_mod.run_score(config, "test", paths["gathered"], {}, out)
     elif name == "bon_curve":
         from pipeline_lib.stages.bon_curve import run_bon_curve
         run_bon_curve(config, paths["test_rewards"], paths["train_rewards"], out)
     else:
         raise ValueError(name)
+
+
+class _InstantScorer:
+    """A scorer that costs nothing, so the score stage's own reading and writing is measured."""
+
+    def __init__(self, name: str, kind: str) -> None:
+        self.name, self.kind, self.batch_size = name, kind, 256
+
+    def score(self, prompts, responses) -> np.ndarray:
+        return np.linspace(0.0, 1.0, len(prompts))
+
+
+def _instant_scorers(s, members, device):
+    yield _InstantScorer("gold", "gold")
+    for seed in SEEDS:
+        yield _InstantScorer(f"rm-seed{seed}", "proxy")
 
 
 def _rss_bytes(pid: int) -> int:
@@ -202,10 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=64, help="response length in tokens")
     ap.add_argument("--pairs-n", type=int, nargs="+", default=[8, 64])
-    ap.add_argument("--stages", nargs="+", default=["gather", "cdf", "pairs", "bon_curve"])
+    ap.add_argument("--stages", nargs="+",
+                    default=["gather", "score", "cdf", "pairs", "bon_curve"])
     ap.add_argument("--mem-limit-gb", type=float, default=20.0)
     ap.add_argument("--workdir", type=Path, default=None, help="kept when given")
     args = ap.parse_args(argv)
+    if "score" in args.stages and "gather" not in args.stages[:args.stages.index("score")]:
+        ap.error("--stages: score reads what gather writes; list gather before it")
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-cache-"))
     try:
@@ -232,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             for arg in (args.pairs_n if name == "pairs" else [None]):
                 wall, peak, status = run_stage(name, config, paths, work / f"{name}.parquet",
                                                arg, limit)
+                if name == "gather":
+                    paths["gathered"] = str(work / "gather.parquet")
                 label = f"pairs n={arg}" if name == "pairs" else name
                 size = (f"{args.prompts} x {args.train_samples}" if name in ("cdf", "pairs")
                         else f"{args.prompts} x {args.samples}")

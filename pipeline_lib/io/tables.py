@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,8 @@ from pipeline_lib.io.schemas import FINITE_COLUMNS, PROVENANCE_KEY, SCHEMA_KEY, 
 
 def _check_finite(table: pa.Table, name: str, path: str | os.PathLike) -> None:
     for col in FINITE_COLUMNS.get(name, ()):
+        if col not in table.column_names:  # a part read with some columns only
+            continue
         arr = table.column(col)
         values = arr.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
         bad = ~np.isfinite(values)
@@ -201,17 +203,42 @@ def read_table(path: str | os.PathLike, name: str) -> pa.Table:
     return table
 
 
-def iter_table_parts(path: str | os.PathLike, name: str) -> Iterator[pa.Table]:
-    """Read ``path`` one row group at a time, each validated like :func:`read_table` (one
-    :class:`SchemaError` naming the file for a damaged file, a missing or mistyped column)."""
+def iter_table_parts(path: str | os.PathLike, name: str,
+                     columns: Sequence[str] | None = None,
+                     rows: int | None = None) -> Iterator[pa.Table]:
+    """Read ``path`` part by part, each part validated like :func:`read_table` (one
+    :class:`SchemaError` naming the file for a damaged file, a missing or mistyped column).
+
+    Parts are the file's row groups, or runs of ``rows`` rows (the last shorter) whatever the
+    row groups; ``columns`` reads only those columns of the schema."""
     path = Path(path)
     parquet = _open(path, name, pq.ParquetFile)
     _check_columns(path, name, parquet.schema_arrow.names)
-    for i in range(parquet.num_row_groups):
-        part = _open(path, name, lambda _, i=i: parquet.read_row_group(i))
-        part = _cast_columns(part, SCHEMAS[name], path)
+    schema = SCHEMAS[name]
+    if columns is not None:
+        schema = pa.schema([schema.field(c) for c in columns])
+    if rows is None:
+        parts = (_open(path, name, lambda _, i=i: parquet.read_row_group(i, columns=columns))
+                 for i in range(parquet.num_row_groups))
+    else:
+        batches = parquet.iter_batches(batch_size=int(rows), columns=columns)
+        parts = (pa.Table.from_batches([b]) for b in _guarded(path, name, batches))
+    for part in parts:
+        part = _cast_columns(part, schema, path)
         _check_finite(part, name, path)
         yield part
+
+
+def _guarded(path: Path, name: str, items: Iterator) -> Iterator:
+    """``items``, a damaged file's read errors raised naming the file."""
+    while True:
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise SchemaError(f"{path}: not a readable Parquet file: {exc}") from exc
+        yield item
 
 
 def read_provenance(path: str | os.PathLike) -> dict[str, Any]:

@@ -6,10 +6,11 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-import polars as pl
+import numpy as np
+import pyarrow as pa
 
 from pipeline_lib.io.atomic import PathLike
-from pipeline_lib.io.tables import read_polars, write_table
+from pipeline_lib.io.tables import iter_table_parts, table_writer
 from pipeline_lib.models.scorers import gold_scorer, member_settings, reward_model_scorer
 from pipeline_lib.settings.sections import ScorerSettings, Settings
 from pipeline_lib.stages.common import provenance, setup_job
@@ -26,20 +27,40 @@ def run_score(
     models of ``reward_models.pretrained`` (members rm-<name>)."""
     s = Settings.from_config(config)
     device = setup_job(s, threads, "score", split)
-    samples = read_polars(samples_path, "samples")
-    prompts, responses = samples["prompt"].to_list(), samples["response"].to_list()
     members = member_settings(s.reward_models, reward_models)
-    frames = []
-    for scorer in _scorers(s, members, device):
-        values = scorer.score(prompts, responses)
-        log.info("%s on %s: mean %.4f sd %.4f", scorer.name, split, values.mean(), values.std())
-        frames.append(samples.select("prompt_id", "sample_idx").with_columns(
-            pl.lit(scorer.name).alias("scorer"), pl.lit(scorer.kind).alias("kind"),
-            pl.Series("reward", values)))
-    write_table(pl.concat(frames), out, "rewards",
-                provenance(s, "score", split=split, gold=s.gold.type,
-                           **({"gold_model": s.gold.model} if s.gold.type == "hf" else {}),
-                           reward_models={m.name: m.model for m in members}))
+    prov = provenance(s, "score", split=split, gold=s.gold.type,
+                      **({"gold_model": s.gold.model} if s.gold.type == "hf" else {}),
+                      reward_models={m.name: m.model for m in members})
+    # one scorer at a time over the samples, read in parts: memory holds one part of texts and
+    # rewards, not the split; rows keep today's order (scorer, then sample)
+    with table_writer(out, "rewards", prov) as writer:
+        for scorer in _scorers(s, members, device):
+            total = total_sq = 0.0
+            count = 0
+            for part in iter_table_parts(samples_path, "samples", SCORED_COLUMNS,
+                                         rows=score_part_rows(scorer)):
+                values = scorer.score(part.column("prompt").to_pylist(),
+                                      part.column("response").to_pylist())
+                writer.write(pa.table({
+                    "prompt_id": part.column("prompt_id"), "sample_idx": part.column("sample_idx"),
+                    "scorer": [scorer.name] * len(values), "kind": [scorer.kind] * len(values),
+                    "reward": values}))
+                total, total_sq = total + values.sum(), total_sq + (values ** 2).sum()
+                count += len(values)
+            mean = total / max(count, 1)
+            log.info("%s on %s: mean %.4f sd %.4f", scorer.name, split, mean,
+                     np.sqrt(max(total_sq / max(count, 1) - mean ** 2, 0.0)))
+
+
+SCORED_COLUMNS = ("prompt_id", "sample_idx", "prompt", "response")
+SCORE_PART_ROWS = 1 << 16  # about this many texts per part
+
+
+def score_part_rows(scorer) -> int:
+    """Rows per part for ``scorer``: a multiple of its batch size, so its batches (and the
+    padding inside them) are those of scoring the split whole."""
+    batch = int(getattr(scorer, "batch_size", 1) or 1)
+    return batch * max(1, SCORE_PART_ROWS // batch)
 
 
 def _scorers(s: Settings, members: Sequence[ScorerSettings], device) -> Iterator:

@@ -28,7 +28,7 @@ def test_the_benchmark_runs_every_stage_on_a_valid_synthetic_cache(tmp_path, cap
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line]
     assert [r.split(" | ")[0] for r in rows[1:]] == [
-        "| gather", "| cdf", "| pairs n=2", "| pairs n=8", "| bon_curve"]
+        "| gather", "| score", "| cdf", "| pairs n=2", "| pairs n=8", "| bon_curve"]
     assert all(r.endswith("| ok |") for r in rows[1:]), out
     assert "12 prompts x 20 samples x 6 scorers = 1,440 rewards" in out
     # the stages' own outputs: the whole cache, gathered in prompt order; every n of the grid
@@ -39,5 +39,6 @@ def test_the_benchmark_runs_every_stage_on_a_valid_synthetic_cache(tmp_path, cap
     bon = pl.read_parquet(tmp_path / "bon_curve.parquet")
     assert sorted(set(bon["n"])) == [1, 2, 4, 8, 16, 20]
     assert {"mean", "wco", "rm-seed5"} <= set(bon["objective"])
+    assert pl.read_parquet(tmp_path / "score.parquet").height == 12 * 20 * 6
     assert pl.read_parquet(tmp_path / "cdf.parquet").height >= 12
     assert pl.read_parquet(tmp_path / "pairs.parquet").height == 12

@@ -147,3 +147,32 @@ def test_gather_copies_in_order_shards_and_sorts_others(sampling, tiny_policy_di
         run_gather(config, "train", [shards[0], tmp_path / "short.parquet"], prompts,
                    tmp_path / "bad.parquet")
     assert not (tmp_path / "bad.parquet").exists()
+
+
+def test_score_reads_texts_in_parts_aligned_to_each_scorers_batches(
+        sampling, tiny_policy_dir, tmp_path, monkeypatch):
+    """Parts of 8 rows at batch size 4 give exactly the table of scoring the split whole
+    (the same batches, so the same padding), row for row, in row groups of 8."""
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline_lib.models.loading import load_tokenizer, save_model
+    from pipeline_lib.stages import score as score_mod
+
+    config, whole = sampling
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_policy_dir, num_labels=1)
+    tok = load_tokenizer(tiny_policy_dir)
+    rm.config.pad_token_id = tok.pad_token_id
+    save_model(rm, tok, tmp_path / "rm")
+    config["reward_models"]["seeds"] = [1]
+    config["scoring"] = {**config.get("scoring", {}), "batch_size": 4}
+    samples = write_table(whole.head(40), tmp_path / "samples.parquet", "samples")
+    models = {"rm-seed1": tmp_path / "rm"}
+    score_mod.run_score(config, "train", samples, models, tmp_path / "whole.parquet")
+    monkeypatch.setattr(score_mod, "SCORE_PART_ROWS", 9)  # parts of 8 rows at batch size 4
+    score_mod.run_score(config, "train", samples, models, tmp_path / "parts.parquet")
+    parts = read_polars(tmp_path / "parts.parquet", "rewards")
+    assert parts.equals(read_polars(tmp_path / "whole.parquet", "rewards"))
+    assert parts["scorer"].to_list() == ["gold"] * 40 + ["rm-seed1"] * 40
+    assert parts.filter(pl.col("scorer") == "gold")["sample_idx"].to_list() == \
+        whole.head(40)["sample_idx"].to_list()
+    assert pq.ParquetFile(tmp_path / "parts.parquet").num_row_groups > 5
