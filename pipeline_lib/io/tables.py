@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline_lib.io.atomic import atomic_file
@@ -227,6 +228,31 @@ def iter_table_parts(path: str | os.PathLike, name: str,
         part = _cast_columns(part, schema, path)
         _check_finite(part, name, path)
         yield part
+
+
+def distinct_values(path: str | os.PathLike, name: str, column: str) -> set:
+    """The distinct values of one column of table ``name``, read one row group at a time."""
+    out: set = set()
+    for part in iter_table_parts(path, name, [column]):
+        out.update(pc.unique(part.column(column)).to_pylist())
+    return out
+
+
+def read_rows_where(path: str | os.PathLike, name: str, column: str,
+                    values: Sequence[Any]) -> pa.Table:
+    """The rows of table ``name`` whose ``column`` is one of ``values``, validated like
+    :func:`read_table`. Row groups whose statistics exclude every value are not read, so a
+    table written in that column's order is read only where the values are."""
+    import pyarrow.dataset as ds
+
+    path = Path(path)
+    dataset = _open(path, name, lambda p: ds.dataset(p, format="parquet"))
+    _check_columns(path, name, dataset.schema.names)
+    table = _open(path, name, lambda _: dataset.to_table(
+        filter=pc.field(column).isin(pa.array(list(values), type=SCHEMAS[name].field(column).type))))
+    table = _cast_columns(table, SCHEMAS[name], path)
+    _check_finite(table, name, path)
+    return table
 
 
 def _guarded(path: Path, name: str, items: Iterator) -> Iterator:

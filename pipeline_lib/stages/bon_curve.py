@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pipeline_lib.io.tables import read_polars, write_table
+from pipeline_lib.io.tables import distinct_values, read_rows_where, write_table
 from pipeline_lib.math.bon import bon_curve, bon_kl, bon_kl_ties_batch
 from pipeline_lib.math.winrate import bon_win_rates
 from pipeline_lib.settings.sections import Settings
@@ -43,37 +43,79 @@ def _bon_win_rates(pool_score, pool_gold, judges, ns: list[int]) -> list[float |
     return rates + [None] * (len(ns) - len(fits))
 
 
+BON_CHUNK_PROMPTS = 32  # prompts read and reduced at a time
+
+
 def run_bon_curve(config: Settings | Mapping[str, Any], rewards_path: PathLike,
                   train_rewards: PathLike | None, out: PathLike) -> None:
     """BoN curves on the test cache for every selection objective and n on the grid.
 
     proxy, gold and the KLs use all M samples per prompt; ``win_rate_ref`` selects best-of-n
     from the M - J samples that are not held-out judges and judges it against the J judges
-    (:func:`held_out_judges`), as every policy's ``win_rate_ref`` is (null when n > M - J)."""
+    (:func:`held_out_judges`), as every policy's ``win_rate_ref`` is (null when n > M - J).
+    Every value is a mean over prompts, so the cache is read and reduced BON_CHUNK_PROMPTS
+    prompts at a time (memory holds one chunk) and the chunks' means are averaged, weighted by
+    their prompts."""
     s = Settings.from_config(config)
-    rewards = read_polars(rewards_path, "rewards")
-    prompt_ids, gold, names, members = cache_matrices(rewards, str(rewards_path))
-    p, m = gold.shape
-    j = held_out_judges(s, m, str(rewards_path))
-    judges, pool_gold = gold[:, :j], gold[:, j:]
-    ns = sorted({n for n in s.evaluation.bon_ns if n <= m})
-    frames = []
+    where = str(rewards_path)
+    prompt_ids = sorted(distinct_values(rewards_path, "rewards", "prompt_id"))
+    if not prompt_ids:
+        raise StageError(f"{where}: the reward cache is empty")
+    stats = normaliser_stats(s.cdf, train_rewards)
     lambdas = uwo_curve_lambdas(s.cdf, s.evaluation.uwo_lambdas)
-    for obj, score in objective_matrices(members, names, lambdas,
-                                         normaliser_stats(s.cdf, train_rewards)).items():
-        proxy_curve, gold_curve = bon_curve(score, gold, ns)
+    chunks: list[tuple[int, dict[str, dict[str, list]]]] = []
+    m = j = ns = None
+    for start in range(0, len(prompt_ids), BON_CHUNK_PROMPTS):
+        rewards = pl.from_arrow(read_rows_where(rewards_path, "rewards", "prompt_id",
+                                                prompt_ids[start:start + BON_CHUNK_PROMPTS]))
+        ids, gold, names, members = cache_matrices(rewards, where)
+        if m is None:
+            m = gold.shape[1]
+            j = held_out_judges(s, m, where)
+            ns = sorted({n for n in s.evaluation.bon_ns if n <= m})
+        elif gold.shape[1] != m:
+            raise StageError(f"{where}: prompt {ids[0]} has {gold.shape[1]} samples, expected "
+                             f"M={m} as the first prompts")
+        curves = {obj: _chunk_curves(score, gold, ns, j)
+                  for obj, score in objective_matrices(members, names, lambdas, stats).items()}
+        chunks.append((len(ids), curves))
+    frames = []
+    for obj in chunks[0][1]:
+        c = _combine([(size, curves[obj]) for size, curves in chunks])
         frames.append(pl.DataFrame({
             "objective": [obj] * len(ns),
             "n": ns,
-            "proxy": proxy_curve,
-            "gold": gold_curve,
+            "proxy": c["proxy"],
+            "gold": c["gold"],
             "kl_analytic": [float(bon_kl(n)) for n in ns],
-            "kl_ties": bon_kl_ties_batch(score, ns),
-            "win_rate_ref": _bon_win_rates(score[:, j:], pool_gold, judges, ns),
+            "kl_ties": c["kl_ties"],
+            "win_rate_ref": c["win_rate_ref"],
             "win_rate_judges": [j] * len(ns),
-            "n_prompts": [p] * len(ns),
+            "n_prompts": [len(prompt_ids)] * len(ns),
             "pool_size": [m] * len(ns),
         }, schema_overrides={"win_rate_ref": pl.Float64}))
-        log.info("bon curve %s: gold %s", obj, np.round(gold_curve, 4).tolist())
+        log.info("bon curve %s: gold %s", obj, np.round(c["gold"], 4).tolist())
     write_table(pl.concat(frames), out, "bon_curve",
                 provenance(s, "bon_curve", ns=ns, M=m, prompts=len(prompt_ids), judges=j))
+
+
+def _chunk_curves(score: np.ndarray, gold: np.ndarray, ns: list[int], j: int
+                  ) -> dict[str, list]:
+    """One objective's means over a chunk's prompts: proxy, gold, tie-aware KL and win rate."""
+    proxy_curve, gold_curve = bon_curve(score, gold, ns)
+    return {"proxy": proxy_curve.tolist(), "gold": gold_curve.tolist(),
+            "kl_ties": bon_kl_ties_batch(score, ns).tolist(),
+            "win_rate_ref": _bon_win_rates(score[:, j:], gold[:, j:], gold[:, :j], ns)}
+
+
+def _combine(chunks: list[tuple[int, dict[str, list]]]) -> dict[str, list]:
+    """Means over all prompts from the chunks' means, weighted by their prompts (one chunk:
+    its means as they are). None (no value at that n) stays None."""
+    if len(chunks) == 1:
+        return chunks[0][1]
+    total = sum(size for size, _ in chunks)
+    return {key: [None if values[0] is None else
+                  float(sum(size * v for (size, _), v in zip(chunks, values, strict=True))
+                        / total)
+                  for values in zip(*(c[key] for _, c in chunks), strict=True)]
+            for key in chunks[0][1]}

@@ -263,3 +263,33 @@ def test_sweep_points_average_seeds_with_their_standard_error(config):
     assert ppo["n_seeds"].to_list() == [2, 2]
     lone = points.filter(pl.col("sweep") == "vbon-n8-exact")
     assert lone["gold_se"].to_list() == [0.02] and lone["n_seeds"].to_list() == [1]
+
+
+def test_bon_curve_in_prompt_chunks_equals_the_whole_cache(tmp_path, config, monkeypatch):
+    """The stage reads and reduces BON_CHUNK_PROMPTS prompts at a time; the chunks' means,
+    weighted by their prompts, are the means over all prompts (ties, judges, n > pool)."""
+    from pipeline_lib.stages import bon_curve as stage
+
+    rng = np.random.default_rng(3)
+    p, m = 11, 12
+    gold = rng.integers(0, 5, size=(p, m)).astype(float)
+    proxy = np.round(gold + rng.normal(size=(p, m)), 1)
+    cfg = _config(config, m, 3, [1, 2, 4, 9, 12])
+    whole = _bon(tmp_path, cfg, gold, proxy)
+    for size in (4, 1):  # chunks of 4, 4, 3 prompts; one prompt at a time
+        monkeypatch.setattr(stage, "BON_CHUNK_PROMPTS", size)
+        chunked = _bon(tmp_path, cfg, gold, proxy)
+        assert chunked.select("objective", "n", "win_rate_judges", "n_prompts",
+                              "pool_size").equals(whole.select(
+                                  "objective", "n", "win_rate_judges", "n_prompts", "pool_size"))
+        for col in ("proxy", "gold", "kl_analytic", "kl_ties", "win_rate_ref"):
+            np.testing.assert_allclose(chunked[col].fill_null(-1.0).to_numpy(),
+                                       whole[col].fill_null(-1.0).to_numpy(), atol=1e-12)
+        assert chunked.filter(pl.col("n") == 12)["win_rate_ref"].is_null().all()
+    # a prompt short of samples is refused, naming the file and a prompt of its chunk
+    monkeypatch.setattr(stage, "BON_CHUNK_PROMPTS", 4)
+    short = _cache(gold, proxy).filter(~((pl.col("prompt_id") == "test-00009")
+                                         & (pl.col("sample_idx") == 11)))
+    write_table(short, tmp_path / "short.parquet", "rewards", {})
+    with pytest.raises(StageError, match=r"short\.parquet \(gold\): prompt test-0000[89] has"):
+        run_bon_curve(cfg, tmp_path / "short.parquet", None, tmp_path / "x.parquet")
