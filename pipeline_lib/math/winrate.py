@@ -130,7 +130,7 @@ def bon_win_rates(
     pool_proxy: ArrayLike, pool_gold: ArrayLike, judges: ArrayLike, ns: int | ArrayLike
 ) -> FloatArray:
     """Gold win rate of the pool's proxy-best-of-n against held-out reference samples, at every
-    n of ``ns`` (see :func:`bon_win_rate`), from one pair of sorts."""
+    n of ``ns`` (see :func:`bon_win_rate`), all n at once (see :func:`win_rates_vs_bon`)."""
     return 1.0 - win_rates_vs_bon(judges, pool_proxy, pool_gold, ns)
 
 
