@@ -130,8 +130,18 @@ def bon_win_rates(
     pool_proxy: ArrayLike, pool_gold: ArrayLike, judges: ArrayLike, ns: int | ArrayLike
 ) -> FloatArray:
     """Gold win rate of the pool's proxy-best-of-n against held-out reference samples, at every
-    n of ``ns`` (see :func:`bon_win_rate`), all n at once (see :func:`win_rates_vs_bon`)."""
-    return 1.0 - win_rates_vs_bon(judges, pool_proxy, pool_gold, ns)
+    n of ``ns`` (see :func:`bon_win_rate`), all n at once: the BoN curve of each pool sample's
+    :func:`beat_fraction` against the judges (see :func:`bon_win_rates_of_beats`)."""
+    judge, proxy, gold = _bon_inputs(judges, pool_proxy, pool_gold)
+    return bon_win_rates_of_beats(proxy, beat_fraction(gold, judge), ns)
+
+
+def bon_win_rates_of_beats(pool_proxy: ArrayLike, beats: ArrayLike,
+                           ns: int | ArrayLike) -> FloatArray:
+    """:func:`bon_win_rates` from ``beats = beat_fraction(pool_gold, judges)``. The win rate is
+    linear in the BoN selection mass, ``Σ_j m_j(n) beats_j``, and ``beats`` does not depend on
+    the selection score, so one ``beats`` serves every objective of the same pool."""
+    return bon_curve(pool_proxy, beats, ns)[1]
 
 
 def bon_win_rate(

@@ -11,7 +11,7 @@ import polars as pl
 
 from pipeline_lib.io.tables import distinct_values, read_rows_where, write_table
 from pipeline_lib.math.bon import bon_curve, bon_kl, bon_kl_ties_batch
-from pipeline_lib.math.winrate import bon_win_rates
+from pipeline_lib.math.winrate import beat_fraction, bon_win_rates_of_beats
 from pipeline_lib.settings.sections import Settings
 from pipeline_lib.stages.common import PathLike, StageError, provenance
 from pipeline_lib.stages.reward_cache import (
@@ -36,10 +36,11 @@ def held_out_judges(s: Settings, m: int, where: str) -> int:
     return j
 
 
-def _bon_win_rates(pool_score, pool_gold, judges, ns: list[int]) -> list[float | None]:
-    """``bon_win_rate`` at each n of ``ns`` (sorted), None where n exceeds the pool."""
+def _bon_win_rates(pool_score, beats, ns: list[int]) -> list[float | None]:
+    """``bon_win_rate`` at each n of ``ns`` (sorted), None where n exceeds the pool; ``beats``:
+    the pool's ``beat_fraction`` against the judges."""
     fits = [n for n in ns if n <= pool_score.shape[1]]
-    rates = bon_win_rates(pool_score, pool_gold, judges, fits).tolist() if fits else []
+    rates = bon_win_rates_of_beats(pool_score, beats, fits).tolist() if fits else []
     return rates + [None] * (len(ns) - len(fits))
 
 
@@ -76,7 +77,8 @@ def run_bon_curve(config: Settings | Mapping[str, Any], rewards_path: PathLike,
         elif gold.shape[1] != m:
             raise StageError(f"{where}: prompt {ids[0]} has {gold.shape[1]} samples, expected "
                              f"M={m} as the first prompts")
-        curves = {obj: _chunk_curves(score, gold, ns, j)
+        beats = beat_fraction(gold[:, j:], gold[:, :j])  # the same for every objective
+        curves = {obj: _chunk_curves(score, gold, ns, j, beats)
                   for obj, score in objective_matrices(members, names, lambdas, stats).items()}
         chunks.append((len(ids), curves))
     frames = []
@@ -99,13 +101,14 @@ def run_bon_curve(config: Settings | Mapping[str, Any], rewards_path: PathLike,
                 provenance(s, "bon_curve", ns=ns, M=m, prompts=len(prompt_ids), judges=j))
 
 
-def _chunk_curves(score: np.ndarray, gold: np.ndarray, ns: list[int], j: int
-                  ) -> dict[str, list]:
-    """One objective's means over a chunk's prompts: proxy, gold, tie-aware KL and win rate."""
+def _chunk_curves(score: np.ndarray, gold: np.ndarray, ns: list[int], j: int,
+                  beats: np.ndarray) -> dict[str, list]:
+    """One objective's means over a chunk's prompts: proxy, gold, tie-aware KL and win rate
+    (``beats``: the pool's beat fractions against the ``j`` judges)."""
     proxy_curve, gold_curve = bon_curve(score, gold, ns)
     return {"proxy": proxy_curve.tolist(), "gold": gold_curve.tolist(),
             "kl_ties": bon_kl_ties_batch(score, ns).tolist(),
-            "win_rate_ref": _bon_win_rates(score[:, j:], gold[:, j:], gold[:, :j], ns)}
+            "win_rate_ref": _bon_win_rates(score[:, j:], beats, ns)}
 
 
 def _combine(chunks: list[tuple[int, dict[str, list]]]) -> dict[str, list]:
