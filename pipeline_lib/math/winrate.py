@@ -132,8 +132,15 @@ def bon_win_rates(
     """Gold win rate of the pool's proxy-best-of-n against held-out reference samples, at every
     n of ``ns`` (see :func:`bon_win_rate`), all n at once: the BoN curve of each pool sample's
     :func:`beat_fraction` against the judges (see :func:`bon_win_rates_of_beats`)."""
+    return _bon_win_rates(pool_proxy, pool_gold, judges, ns, "ns")
+
+
+def _bon_win_rates(pool_proxy, pool_gold, judges, ns, name: str) -> FloatArray:
     judge, proxy, gold = _bon_inputs(judges, pool_proxy, pool_gold)
-    return bon_win_rates_of_beats(proxy, beat_fraction(gold, judge), ns)
+    n_arr = as_ns(ns, proxy.shape[1], name=name)
+    if n_arr.size == 0:
+        return np.zeros(0)
+    return bon_win_rates_of_beats(proxy, beat_fraction(gold, judge), n_arr)
 
 
 def bon_win_rates_of_beats(pool_proxy: ArrayLike, beats: ArrayLike,
@@ -167,7 +174,9 @@ def bon_win_rate(
         judges: ``(P, J)`` gold scores of held-out reference samples.
         n: BoN size, ``1 <= n <= L``.
     """
-    return 1.0 - win_rate_vs_bon(judges, pool_proxy, pool_gold, n)
+    if np.ndim(n) != 0 and np.size(n) != 1:
+        raise ValueError(f"n must be a single integer, got {n!r}")
+    return float(_bon_win_rates(pool_proxy, pool_gold, judges, n, "n")[0])
 
 
 def pareto_frontier(kl: ArrayLike, reward: ArrayLike) -> NDArray[np.bool_]:

@@ -186,8 +186,7 @@ def ppo_update(run: PPORun, r: Rollout, adv: torch.Tensor,
     mb_local = int(cfg.minibatch_size) // run.world
     b_local = int(cfg.rollout_batch_size) // run.world
     stats: dict[str, list[float]] = {k: [] for k in UPDATE_STATS}
-    lr = scheduled_lr(cfg.lr, st.step, max(int(cfg.steps), st.step + 1), cfg.lr_schedule,
-                      cfg.lr_final)
+    lr = scheduled_lr(cfg.lr, st.step, int(cfg.steps), cfg.lr_schedule, cfg.lr_final)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     for _ in range(int(cfg.ppo_epochs)):
